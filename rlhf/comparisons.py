@@ -1,0 +1,77 @@
+"""The comparison schema: one row is one judged pair of responses to one prompt.
+
+Every source (policy sampling + AI judge, human labeling campaigns, imported preference
+sets, served-model feedback) writes rows of exactly this shape, and every stage that
+reads comparisons reads them through `read_comparisons`.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+CHOICES = ("a", "b", "tie")
+SOURCE_KINDS = ("human", "judge", "import", "feedback")
+
+# column -> (arrow type, nullable, meaning)
+COLUMNS = {
+    "pair_id": (pa.string(), False, "stable id of the pair, unique in a data set"),
+    "prompt": (pa.string(), False, "the user prompt both responses answer"),
+    "response_a": (pa.string(), False, "first response, in the order it was shown or sampled"),
+    "response_b": (pa.string(), False, "second response"),
+    "chosen": (pa.string(), True, "'a' | 'b' | 'tie'; null while unjudged"),
+    "source": (pa.string(), False, "'human:<campaign>' | 'judge:<model>' | 'import:<dataset>' | 'feedback:<model version>'"),
+    "policy_version": (pa.string(), True, "the model that sampled the pair, when one did"),
+    "votes": (pa.int32(), True, "number of votes behind `chosen` (human rows)"),
+    "agreement": (pa.float64(), True, "share of votes that agree with `chosen` (human rows)"),
+    "created_at": (pa.timestamp("us", tz="UTC"), False, "when the row was made"),
+}
+SCHEMA = pa.schema([pa.field(name, typ, nullable=nullable) for name, (typ, nullable, _) in COLUMNS.items()])
+
+
+def source_kind(source: str) -> str:
+    """'judge:smollm2' -> 'judge'."""
+    return source.split(":", 1)[0]
+
+
+def empty_comparisons() -> pd.DataFrame:
+    return SCHEMA.empty_table().to_pandas()
+
+
+def to_table(frame: pd.DataFrame) -> pa.Table:
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"comparison rows lack the column(s) {missing}. Every comparison row needs {list(COLUMNS)}; "
+            "see rlhf/comparisons.py for what each holds, and add the missing ones at the source."
+        )
+    return pa.Table.from_pandas(frame[list(COLUMNS)], schema=SCHEMA, preserve_index=False)
+
+
+def write_comparisons(frame: pd.DataFrame, path: str | Path) -> None:
+    """Write atomically: a temporary file in the same folder, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = to_table(frame)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_comparisons(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no comparisons at {path}. Run the stage that writes them (`dvc repro collect`) "
+            "or point the param at an existing Parquet file."
+        )
+    return pq.read_table(path).to_pandas()
