@@ -1,0 +1,55 @@
+"""The `rlhf` command: run the cycle, check params, and the services' subcommands."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlhf.params import ParamError
+
+
+def run_stage(main) -> None:
+    """Run a stage's main(); errors a user can fix print as one paragraph and exit 2, with no traceback."""
+    try:
+        sys.exit(main())
+    except (ParamError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _cycle(args) -> int:
+    from flows.cycle import rlhf_cycle
+
+    result = rlhf_cycle(stages=args.stages or None, force=args.force)
+    print(f"cycle done: ran {result['ran'] or 'nothing'}; unchanged {result['unchanged'] or 'nothing'}")
+    return 0
+
+
+def _check_params(args) -> int:
+    from rlhf.params import load_params
+
+    params = load_params(args.file)
+    for name in params.__dataclass_fields__:
+        print(f"{name}: {params.section(name)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlhf", description="An RLHF pipeline: DVC stages under Prefect flows, tracked in MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cycle = sub.add_parser("cycle", help="run one cycle of the pipeline (DVC reruns only what changed)")
+    cycle.add_argument("--stages", nargs="*", help="only these stages, in pipeline order")
+    cycle.add_argument("--force", action="store_true", help="rerun the stages even when DVC finds them unchanged")
+    cycle.set_defaults(func=_cycle)
+    check = sub.add_parser("check-params", help="load and validate params.yaml, print every setting")
+    check.add_argument("--file", default="params.yaml")
+    check.set_defaults(func=_check_params)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ParamError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

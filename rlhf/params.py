@@ -1,0 +1,176 @@
+"""The only reader of params.yaml.
+
+Each section becomes a frozen dataclass; every field has a one-line meaning. Unknown keys,
+wrong types and out-of-range values stop the run at load time with one paragraph that names
+the key, the bad value and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+EMBEDDED_POLICY = "embedded:SmolLM2-135M-Instruct"
+EMBEDDED_DEMONSTRATIONS = "embedded:demonstrations"
+
+
+class ParamError(ValueError):
+    """A value in params.yaml that the pipeline cannot run with; the message says how to fix it."""
+
+
+def _f(default: Any, meaning: str, rule: str | None = None, check=None):
+    """A params field: its default, what it means, and an optional range rule with its check."""
+    return field(default=default, metadata={"meaning": meaning, "rule": rule, "check": check})
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _non_negative(v) -> bool:
+    return v >= 0
+
+
+def _fraction(v) -> bool:
+    return 0 < v < 1
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    policy: str = _f(EMBEDDED_POLICY, "the policy to start from: 'embedded:SmolLM2-135M-Instruct', a local Hugging Face folder, or a hub model id")
+    gguf_file: str = _f("", "GGUF file name inside `policy` when that folder or hub repo holds only GGUF weights")
+    precision: Literal["auto", "bf16", "fp32"] = _f("auto", "'bf16' where the hardware has fast bf16 (AVX512-BF16/AMX CPUs, GPUs), 'fp32' otherwise; 'auto' picks")
+
+
+@dataclass(frozen=True)
+class SftParams:
+    data: str = _f(EMBEDDED_DEMONSTRATIONS, "demonstrations: 'embedded:demonstrations', a local .jsonl/.parquet file, or a hub dataset id")
+    data_split: str = _f("train", "split to read when `data` is a hub dataset")
+    prompt_field: str = _f("prompt", "column holding the user prompt")
+    response_field: str = _f("response", "column holding the demonstrated answer")
+    val_fraction: float = _f(0.1, "share of demonstrations held out for validation", "must lie in (0, 1); 0.1 is usual", _fraction)
+    epochs: int = _f(2, "passes over the training split", "must be >= 1", _positive)
+    learning_rate: float = _f(2e-4, "peak learning rate", "must be > 0; 1e-4 to 3e-4 is usual with LoRA, 1e-5 to 5e-5 for full fine-tuning", _positive)
+    warmup_ratio: float = _f(0.1, "share of optimiser steps spent warming up linearly", "must lie in [0, 1)", lambda v: 0 <= v < 1)
+    schedule: Literal["cosine", "linear"] = _f("cosine", "learning-rate decay after warm-up")
+    batch_size: int = _f(8, "sequences per micro-batch", "must be >= 1 and no larger than the training split", _positive)
+    grad_accum_steps: int = _f(2, "micro-batches per optimiser step", "must be >= 1", _positive)
+    max_seq_len: int = _f(384, "longest prompt+response in tokens; longer examples are cut from the end", "must be >= 16", lambda v: v >= 16)
+    weight_decay: float = _f(0.0, "AdamW weight decay", "must be >= 0", _non_negative)
+    max_grad_norm: float = _f(1.0, "gradient-norm clip", "must be > 0", _positive)
+    lora_r: int = _f(16, "LoRA rank; 0 trains every weight (full fine-tuning)", "must be >= 0", _non_negative)
+    lora_alpha: int = _f(32, "LoRA scale numerator (scale = alpha / r)", "must be > 0", _positive)
+    lora_dropout: float = _f(0.05, "dropout on the LoRA path", "must lie in [0, 1)", lambda v: 0 <= v < 1)
+    eval_every: int = _f(20, "optimiser steps between validation passes", "must be >= 1", _positive)
+    seed: int = _f(0, "seed for the split, shuffling and initialisation")
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora_r > 0
+
+
+@dataclass(frozen=True)
+class Params:
+    model: ModelParams
+    sft: SftParams
+
+    def section(self, name: str) -> dict:
+        """A section as a flat dict, for MLflow."""
+        return dataclasses.asdict(getattr(self, name))
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(hint)[:1]
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _build_section(cls: type, name: str, raw: Any, source: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamError(
+            f"{source}: `{name}` is {raw!r}, but it must be a mapping of keys to values "
+            f"(for example `{name}:` followed by indented `key: value` lines). Fix the section and run again."
+        )
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" Did you mean `{name}.{close[0]}`?" if close else ""
+            raise ParamError(
+                f"{source}: `{name}.{key}` is not a known setting.{hint} The keys of `{name}` are: "
+                f"{', '.join(known)}. Remove or rename it and run again."
+            )
+    values = {}
+    for key, f in known.items():
+        value = raw.get(key, f.default)
+        hint = hints[key]
+        if hint is float and isinstance(value, str):
+            try:  # YAML reads 2e-4 (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
+        if not _type_ok(value, hint):
+            raise ParamError(
+                f"{source}: `{name}.{key}` is {value!r} ({type(value).__name__}), but it must be "
+                f"{_type_name(hint)}: {f.metadata['meaning']}. Edit it and run again."
+            )
+        check = f.metadata.get("check")
+        if check is not None and not check(value):
+            raise ParamError(
+                f"{source}: `{name}.{key}` is {value!r}. It is {f.metadata['meaning']}, so it {f.metadata['rule']}. "
+                f"Edit it and run again (`dvc repro` reruns only the stages that read it)."
+            )
+        values[key] = value
+    return cls(**values)
+
+
+SECTIONS = {"model": ModelParams, "sft": SftParams}
+
+
+def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
+    """Read params.yaml into typed, validated sections."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamError(
+            f"{path}: no such file. The pipeline reads its settings from params.yaml in the project folder; "
+            "run from the project root, or copy the repository's params.yaml there."
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ParamError(f"{path}: not valid YAML ({error}). Fix the syntax at the line shown and run again.") from None
+    if not isinstance(raw, dict):
+        raise ParamError(f"{path}: the top level must be a mapping of sections ({', '.join(SECTIONS)}).")
+    for name in raw:
+        if name not in SECTIONS:
+            close = difflib.get_close_matches(str(name), SECTIONS, n=1)
+            hint = f" Did you mean `{close[0]}`?" if close else ""
+            raise ParamError(
+                f"{path}: `{name}` is not a known section.{hint} The sections are: {', '.join(SECTIONS)}. "
+                "Remove or rename it and run again."
+            )
+    return Params(**{name: _build_section(cls, name, raw.get(name), str(path)) for name, cls in SECTIONS.items()})

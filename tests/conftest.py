@@ -1,0 +1,111 @@
+"""Fixtures: tiny randomly initialised chat models and throwaway project folders. No downloads."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a reward model scores a response to a prompt",
+    "explain why the sky is blue in one sentence",
+    "light scatters more at short wavelengths so the sky looks blue",
+    "write a short poem about rain on a window",
+    "rain taps the glass and the room grows quiet",
+    "what is two plus two? two plus two is four",
+] * 20
+
+TINY_DEMONSTRATIONS = [
+    ("explain why the sky is blue", "light scatters more at short wavelengths so the sky looks blue"),
+    ("write a short poem about rain", "rain taps the glass and the room grows quiet"),
+    ("what is two plus two?", "two plus two is four"),
+    ("what does a reward model do?", "a reward model scores a response to a prompt"),
+] * 8
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=CHATML)
+
+
+def build_tiny_model(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny chat model (Llama architecture, ChatML template) in a local folder."""
+    folder = tmp_path_factory.mktemp("tiny-chat-model")
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+TINY_PARAMS = {
+    "model": {"policy": None, "precision": "fp32"},
+    "sft": {"epochs": 1, "batch_size": 4, "grad_accum_steps": 1, "max_seq_len": 128, "eval_every": 2,
+            "learning_rate": 0.003, "lora_r": 0, "val_fraction": 0.1},
+}
+
+
+def write_params(folder: Path, overrides: dict) -> None:
+    params = json.loads(json.dumps(TINY_PARAMS))
+    for section, values in overrides.items():
+        params.setdefault(section, {}).update(values)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def tiny_project(tmp_path, tiny_model_dir, monkeypatch) -> Path:
+    """A throwaway copy of the project (code, dvc.yaml, a tiny params.yaml) as a git + DVC repo, as cwd."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("rlhf", "flows", "tasks"):
+        shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    demos = project / "tiny_demonstrations.jsonl"
+    demos.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in TINY_DEMONSTRATIONS))
+    write_params(project, {"model": {"policy": str(tiny_model_dir)}, "sft": {"data": demos.name}})
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
+                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "tiny project"]):
+        subprocess.run(cmd, cwd=project, check=True, env=env, capture_output=True)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return project

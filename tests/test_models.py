@@ -1,0 +1,106 @@
+"""The model loader: a GGUF file becomes a plain safetensors checkpoint with the same logits."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf.models import load_causal_lm, load_source_model, load_tokenizer, resolve_precision, save_checkpoint
+from rlhf.params import ModelParams, ParamError
+from tests.conftest import CHATML, build_tiny_model, build_tiny_tokenizer
+
+
+def _hf_to_gguf_permute(weight: torch.Tensor, n_head: int) -> np.ndarray:
+    # llama.cpp stores q/k rows interleaved for its rotary layout; transformers undoes this on load
+    rows = weight.shape[0]
+    return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape).numpy()
+
+
+def write_tiny_gguf(path, model, tokenizer) -> None:
+    import gguf
+
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if getattr(cfg, "rope_parameters", None) else 10000.0)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+    specials = {t["id"]: t["content"] for t in spec["added_tokens"]}
+    tokens = [specials.get(i, tok) for tok, i in vocab]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in specials else 1 for i in range(len(tokens))])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_chat_template(CHATML)
+    sd = model.state_dict()
+    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].numpy())
+    writer.add_tensor("output_norm.weight", sd["model.norm.weight"].numpy())
+    names = {"input_layernorm": "attn_norm", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        writer.add_tensor(f"blk.{i}.attn_q.weight", _hf_to_gguf_permute(sd[p + "self_attn.q_proj.weight"], cfg.num_attention_heads))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", _hf_to_gguf_permute(sd[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads))
+        for hf, gg in names.items():
+            writer.add_tensor(f"blk.{i}.{gg}.weight", sd[p + hf + ".weight"].numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_becomes_a_safetensors_checkpoint_with_the_same_logits(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    reference = build_tiny_model(len(tokenizer)).eval()
+    gguf_dir = tmp_path / "gguf"
+    gguf_dir.mkdir()
+    write_tiny_gguf(gguf_dir / "tiny.gguf", reference, tokenizer)
+
+    model, gguf_tokenizer = load_source_model(ModelParams(policy=str(gguf_dir), gguf_file="tiny.gguf"))
+    text = gguf_tokenizer.apply_chat_template([{"role": "user", "content": "why is the sky blue"}],
+                                              add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<|im_start|>user\n")
+    ids = torch.tensor([tokenizer("the quick brown fox jumps")["input_ids"]])
+    assert gguf_tokenizer("the quick brown fox jumps")["input_ids"] == ids[0].tolist()
+    with torch.no_grad():
+        expected = reference(ids).logits
+        torch.testing.assert_close(model.eval()(ids).logits, expected)
+
+    save_checkpoint(model, gguf_tokenizer, tmp_path / "base", torch.float32)
+    assert (tmp_path / "base" / "model.safetensors").exists()
+    assert not (tmp_path / "base" / "tiny.gguf").exists()
+    reloaded = load_causal_lm(tmp_path / "base").eval()
+    assert not getattr(reloaded, "is_quantized", False)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, expected)
+    assert load_tokenizer(tmp_path / "base").chat_template
+
+
+def test_a_path_that_does_not_exist_is_named(tmp_path):
+    with pytest.raises(ParamError, match="looks like a path, but nothing is there"):
+        load_source_model(ModelParams(policy=str(tmp_path / "missing")))
+
+
+def test_offline_hub_id_fails_with_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ParamError, match=r"taken as a Hugging Face hub id.*hf download"):
+        load_source_model(ModelParams(policy="HuggingFaceTB/SmolLM2-360M-Instruct"))
+
+
+def test_precision_choice():
+    assert resolve_precision("fp32") == torch.float32
+    assert resolve_precision("bf16") == torch.bfloat16
+    assert resolve_precision("auto") in (torch.float32, torch.bfloat16)
