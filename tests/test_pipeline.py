@@ -20,7 +20,10 @@ def dvc(*args: str) -> subprocess.CompletedProcess:
 def test_dvc_repro_runs_then_finds_everything_unchanged(tiny_project: Path):
     first = dvc("repro")
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "Running stage 'prepare'" in first.stdout and "Running stage 'sft'" in first.stdout
+    from flows.cycle import PIPELINE
+
+    for stage in PIPELINE:
+        assert f"Running stage '{stage}'" in first.stdout
     assert (tiny_project / "models/sft/model.safetensors").exists()
     metrics = json.loads((tiny_project / "metrics/sft.json").read_text())
     assert metrics["sft/val_loss_after"] < metrics["sft/val_loss_before"]
@@ -47,11 +50,11 @@ def test_dvc_repro_runs_then_finds_everything_unchanged(tiny_project: Path):
 
 
 def test_prefect_flow_runs_stages_under_one_parent_mlflow_run(tiny_project: Path):
-    from flows.cycle import rlhf_cycle
+    from flows.cycle import PIPELINE, rlhf_cycle
     from rlhf import tracking
 
     result = rlhf_cycle()
-    assert result["ran"] == ["prepare", "sft"] and result["unchanged"] == []
+    assert result["ran"] == list(PIPELINE) and result["unchanged"] == []
     assert result["metrics"]["sft"]["sft/steps"] >= 1
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
@@ -60,7 +63,7 @@ def test_prefect_flow_runs_stages_under_one_parent_mlflow_run(tiny_project: Path
     parent = next(r for r in runs if r.info.run_id == result["mlflow_run_id"])
     children = {r.data.tags["rlhf.stage"]: r for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"prepare", "sft"}
+    assert set(children) == set(PIPELINE)
     sft = children["sft"]
     assert sft.data.params["sft.learning_rate"] == "0.003"
     assert "loss/train" in sft.data.metrics and "sft/val_perplexity_after" in sft.data.metrics
@@ -72,4 +75,4 @@ def test_prefect_flow_runs_stages_under_one_parent_mlflow_run(tiny_project: Path
     assert {"sft.json", "sft_loss.csv"} <= artifacts
 
     again = rlhf_cycle()
-    assert again["ran"] == [] and again["unchanged"] == ["prepare", "sft"]
+    assert again["ran"] == [] and again["unchanged"] == list(PIPELINE)
