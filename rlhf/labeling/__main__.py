@@ -1,0 +1,5 @@
+import sys
+
+from rlhf.labeling.cli import main
+
+sys.exit(main())
