@@ -37,6 +37,7 @@ TINY_DEMONSTRATIONS = [
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the temporary server logs at exit, after pytest closed its streams
 
 
 def build_tiny_tokenizer():
