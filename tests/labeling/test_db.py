@@ -1,20 +1,16 @@
-"""The schema comes from the Alembic migrations, and they match the models."""
+"""SQLite specifics. The migrations-match-models test runs on both databases in test_databases.py."""
 import pytest
-from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from rlhf.labeling.db import Base, make_engine, upgrade_database
+from rlhf.labeling.db import make_engine, upgrade_database
 
 
-def test_migrations_build_the_models_schema_and_rerun_as_a_no_op(tmp_path):
-    engine = make_engine(f"sqlite:///{tmp_path / 'nested' / 'labeling.db'}")  # the folder is created
-    upgrade_database(engine)
+def test_the_folder_is_created_and_migrations_record_their_revision(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'nested' / 'labeling.db'}")
     upgrade_database(engine)
     with engine.connect() as connection:
-        context = MigrationContext.configure(connection, opts={"compare_type": True})
-        assert compare_metadata(context, Base.metadata) == []
-        assert context.get_current_revision() == "0001"
+        assert MigrationContext.configure(connection).get_current_revision() == "0001"
     assert "votes" in inspect(engine).get_table_names()
 
 
