@@ -20,7 +20,7 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
   fi
   echo "bootstrap: installing torch 2.13.0${TORCH_INDEX_URL:+ (also looking in $TORCH_INDEX_URL)}"
   "${pip[@]}" --retries 0 ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} torch==2.13.0 2>&1 | grep -v "is ignored\|Retrying\|NewConnectionError" || true
-  .venv/bin/python -c "import torch" || { echo "bootstrap: torch 2.13.0 did not install; see the pip output above"; exit 1; }
+  .venv/bin/python -c "import torch" 2>/dev/null || { echo "bootstrap: torch 2.13.0 did not install; see the pip output above"; exit 1; }
 fi
 
 echo "bootstrap: installing the pinned packages (requirements.lock)"
