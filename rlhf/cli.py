@@ -33,6 +33,32 @@ def _check_params(args) -> int:
     return 0
 
 
+def _promote(args) -> int:
+    from rlhf.params import load_params
+    from rlhf.promote import set_champion
+
+    name = args.model or load_params().promote.model_name
+    decision = set_champion(name, args.version, reason=args.reason, by=args.by)
+    print(f"{name} v{args.version} is now the champion ({decision.rule}: {decision.reason})")
+    return 0
+
+
+def _rollback(args) -> int:
+    from rlhf.params import load_params
+    from rlhf.promote import rollback
+
+    name = args.model or load_params().promote.model_name
+    version = rollback(name, reason=args.reason, by=args.by)
+    print(f"{name}: rolled back; v{version} is the champion again")
+    return 0
+
+
+def _label(args) -> int:
+    from rlhf.labeling.cli import main as label_main
+
+    return label_main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf", description="An RLHF pipeline: DVC stages under Prefect flows, tracked in MLflow.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,10 +69,25 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-params", help="load and validate params.yaml, print every setting")
     check.add_argument("--file", default="params.yaml")
     check.set_defaults(func=_check_params)
+    manual = sub.add_parser("promote", help="make a registered policy version the champion by hand (recorded with who and why)")
+    manual.add_argument("--version", required=True)
+    manual.add_argument("--reason", required=True, help="why; stored on the model version")
+    manual.add_argument("--by", help="who (default: the login name)")
+    manual.add_argument("--model", help="registered model name (default: promote.model_name)")
+    manual.set_defaults(func=_promote)
+    back = sub.add_parser("rollback", help="make the previous champion the champion again")
+    back.add_argument("--reason", required=True)
+    back.add_argument("--by")
+    back.add_argument("--model")
+    back.set_defaults(func=_rollback)
+    label = sub.add_parser("label", help="the labeling web app: serve, create-campaign, invite, export (see `rlhf label --help`)",
+                           add_help=False)
+    label.add_argument("rest", nargs=argparse.REMAINDER)
+    label.set_defaults(func=_label)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ParamError, FileNotFoundError) as error:
+    except (ParamError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
