@@ -52,6 +52,7 @@ GIVE_UP_AFTER_S = 60  # a request still failing this long after the run ends cou
 class Tally:
     acknowledged: set[int] = field(default_factory=set)  # assignment ids whose vote got its 303
     vote_latency: list[float] = field(default_factory=list)  # POST, first attempt to answer, seconds
+    calm_vote_latency: list[float] = field(default_factory=list)  # the same, for votes not caught by the restart
     page_latency: list[float] = field(default_factory=list)  # GET of the next pair
     retries: int = 0  # attempts that hit a dead or restarting server
     errors: list[str] = field(default_factory=list)  # unexpected answers
@@ -110,15 +111,19 @@ async def wait_until_up(base_url: str, server: subprocess.Popen, timeout_s: floa
     raise RuntimeError(f"the server did not answer within {timeout_s} s")
 
 
-async def send(client: httpx.AsyncClient, method: str, url: str, tally: Tally, give_up_at: float, **kwargs):
-    """One request, resent after transport errors (server down) until answered or give_up_at."""
+async def send(client: httpx.AsyncClient, method: str, url: str, tally: Tally, give_up_at: float,
+               **kwargs) -> tuple[httpx.Response, bool]:
+    """One request, resent after transport errors (server down) until answered or give_up_at.
+    Returns the answer and whether it needed a resend."""
+    resent = False
     while True:
         try:
-            return await client.request(method, url, **kwargs)
+            return await client.request(method, url, **kwargs), resent
         except httpx.TransportError:
             if time.monotonic() > give_up_at:
                 raise
             tally.retries += 1
+            resent = True
             await asyncio.sleep(0.05)
 
 
@@ -136,7 +141,7 @@ async def annotate(client: httpx.AsyncClient, seed: int, stop_at: float, tally: 
     give_up_at = stop_at + GIVE_UP_AFTER_S
     while time.monotonic() < stop_at:
         started = time.perf_counter()
-        page = await send(client, "GET", f"/campaigns/{CAMPAIGN}/label", tally, give_up_at)
+        page, _ = await send(client, "GET", f"/campaigns/{CAMPAIGN}/label", tally, give_up_at)
         tally.page_latency.append(time.perf_counter() - started)
         action = re.search(r'action="/assignments/(\d+)/vote"', page.text)
         if page.status_code != 200 or action is None:
@@ -144,12 +149,14 @@ async def annotate(client: httpx.AsyncClient, seed: int, stop_at: float, tally: 
             return
         token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
         started = time.perf_counter()
-        response = await send(client, "POST", f"/assignments/{action.group(1)}/vote", tally, give_up_at,
+        response, resent = await send(client, "POST", f"/assignments/{action.group(1)}/vote", tally, give_up_at,
                               data={"choice": rng.choice(CHOICES), "reason": "", "csrf_token": token})
         if response.status_code != 303:
             tally.errors.append(f"POST vote: {response.status_code}")
             continue
         tally.vote_latency.append(time.perf_counter() - started)
+        if not resent:
+            tally.calm_vote_latency.append(tally.vote_latency[-1])
         tally.acknowledged.add(int(action.group(1)))
 
 
@@ -208,6 +215,8 @@ async def run(args, database_url: str, names: list[str], log) -> dict:
         "vote_latency_ms": {"p50": round(1000 * percentile(tally.vote_latency, 50), 1),
                             "p99": round(1000 * percentile(tally.vote_latency, 99), 1),
                             "max": round(1000 * max(tally.vote_latency), 1)},
+        "vote_latency_ms_not_resent": {"p50": round(1000 * percentile(tally.calm_vote_latency, 50), 1),
+                                       "p99": round(1000 * percentile(tally.calm_vote_latency, 99), 1)},
         "next_pair_latency_ms": {"p50": round(1000 * percentile(tally.page_latency, 50), 1),
                                  "p99": round(1000 * percentile(tally.page_latency, 99), 1)},
         "requests_retried_across_restart": tally.retries,
@@ -225,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", help="database URL (default: a SQLite file in a temporary folder)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    if not 0 < args.kill_at < args.seconds:
+        parser.error(f"--kill-at is {args.kill_at}: the crash must fall inside the run, in (0, {args.seconds}).")
 
     with tempfile.TemporaryDirectory(prefix="labeling-load-") as folder:
         database_url = args.db or f"sqlite:///{folder}/labeling.db"

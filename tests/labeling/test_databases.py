@@ -89,12 +89,19 @@ def database_url(request, tmp_path):
         admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
+def only_tables_with_a_model(obj, name, type_, reflected, compare_to) -> bool:
+    # Other modules add tables to this migration chain (rlhf/feedback.py's served_*). Their models join
+    # Base only when that module is imported; a table with no model loaded here is not this test's business.
+    return not (type_ == "table" and reflected and compare_to is None)
+
+
 def test_migrations_build_the_models_schema(database_url):
     engine = make_engine(database_url)
     upgrade_database(engine)
     upgrade_database(engine)
     with engine.connect() as connection:
-        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        context = MigrationContext.configure(connection, opts={"compare_type": True,
+                                                               "include_object": only_tables_with_a_model})
         assert compare_metadata(context, Base.metadata) == []
     engine.dispose()
 

@@ -1,16 +1,21 @@
 """SQLite specifics. The migrations-match-models test runs on both databases in test_databases.py."""
 import pytest
+from alembic.config import Config
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
-from rlhf.labeling.db import make_engine, upgrade_database
+from rlhf.labeling.db import MIGRATIONS, make_engine, upgrade_database
 
 
-def test_the_folder_is_created_and_migrations_record_their_revision(tmp_path):
+def test_the_folder_is_created_and_the_database_reaches_the_latest_revision(tmp_path):
     engine = make_engine(f"sqlite:///{tmp_path / 'nested' / 'labeling.db'}")
     upgrade_database(engine)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
     with engine.connect() as connection:
-        assert MigrationContext.configure(connection).get_current_revision() == "0001"
+        current = MigrationContext.configure(connection).get_current_revision()
+    assert current == ScriptDirectory.from_config(config).get_current_head()
     assert "votes" in inspect(engine).get_table_names()
 
 
