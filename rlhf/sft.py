@@ -144,11 +144,19 @@ def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 
 
 def batches(examples: list[dict], batch_size: int, rng: random.Random | None):
+    """Micro-batches of similar length (less padding): shuffle, sort within pools of 8 batches, shuffle the batches."""
     order = list(range(len(examples)))
     if rng is not None:
         rng.shuffle(order)
-    for start in range(0, len(order), batch_size):
-        yield [examples[i] for i in order[start:start + batch_size]]
+    pool = batch_size * 8
+    groups = []
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start:start + pool], key=lambda i: len(examples[i]["input_ids"]))
+        groups += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    if rng is not None:
+        rng.shuffle(groups)
+    for group in groups:
+        yield [examples[i] for i in group]
 
 
 @torch.no_grad()
@@ -237,7 +245,7 @@ def train(params: SftParams, base_dir: str, precision: str, out_dir: str) -> dic
                     nll, _ = response_nll(logits, batch["labels"])
                     loss = nll / group_tokens  # mean over every response token of the optimiser step
                 accelerator.backward(loss)
-                step_loss += float(loss)
+                step_loss += loss.detach().item()
                 tokens_seen += int(batch["attention_mask"].sum())
             accelerator.clip_grad_norm_(model.parameters(), params.max_grad_norm)
             optimizer.step()
