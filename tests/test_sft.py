@@ -89,3 +89,17 @@ def test_bad_demonstration_row_is_named(tmp_path):
 def test_missing_data_file_is_named(tmp_path):
     with pytest.raises(ParamError, match=r"sft.data is '.*nothing.jsonl', but no file is there"):
         load_demonstrations(SftParams(data=str(tmp_path / "nothing.jsonl")))
+
+
+def test_length_pooled_batches_cover_every_example_once_and_are_seeded():
+    import random
+
+    from rlhf.sft import batches
+
+    examples = [{"input_ids": [0] * n, "labels": [0] * n} for n in range(1, 101)]
+    first = [[len(e["input_ids"]) for e in b] for b in batches(examples, 4, random.Random(7))]
+    again = [[len(e["input_ids"]) for e in b] for b in batches(examples, 4, random.Random(7))]
+    assert first == again
+    assert sorted(n for b in first for n in b) == list(range(1, 101))
+    spread = sum(max(b) - min(b) for b in first) / len(first)
+    assert spread < 15  # random batches of 4 from 1..100 spread ~60 tokens
