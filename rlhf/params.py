@@ -88,10 +88,27 @@ class PromoteParams:
 
 
 @dataclass(frozen=True)
+class ServeParams:
+    database: str = _f("sqlite:///data/feedback/feedback.db", "the feedback store every served prompt, response and rating is logged to: a SQLite file URL or a postgresql+psycopg:// URL (the labeling app's database layer)")
+    poll_seconds: float = _f(30.0, "seconds between looks at the registry's `champion` alias; a new champion is loaded fully, then swapped in", "must be > 0", _positive)
+    max_new_tokens: int = _f(256, "most tokens one response may generate; a request's max_tokens above it is refused with HTTP 422", "must be >= 1", _positive)
+    max_prompt_tokens: int = _f(1536, "most tokens the chat-templated messages of one request may take", "must be >= 16", lambda v: v >= 16)
+    max_request_bytes: int = _f(65536, "largest request body accepted; a larger one gets HTTP 413", "must be >= 1024", lambda v: v >= 1024)
+    max_batch_size: int = _f(8, "sequences generated together in one batch (a request with n=2 counts twice)", "must be >= 2, since one request may ask for n=2", lambda v: v >= 2)
+    batch_wait_ms: float = _f(10.0, "how long the first request of a batch waits for others to join it", "must be >= 0", _non_negative)
+
+    @property
+    def max_pending(self) -> int:
+        # requests queued beyond this get HTTP 503: eight full batches ahead is already a long wait
+        return 8 * self.max_batch_size
+
+
+@dataclass(frozen=True)
 class Params:
     model: ModelParams
     sft: SftParams
     promote: PromoteParams
+    serve: ServeParams
 
     def section(self, name: str) -> dict:
         """A section as a flat dict, for MLflow."""
@@ -160,7 +177,7 @@ def _build_section(cls: type, name: str, raw: Any, source: str):
     return cls(**values)
 
 
-SECTIONS = {"model": ModelParams, "sft": SftParams, "promote": PromoteParams}
+SECTIONS = {"model": ModelParams, "sft": SftParams, "promote": PromoteParams, "serve": ServeParams}
 
 
 def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:

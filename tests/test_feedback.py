@@ -1,0 +1,122 @@
+"""The refeed: the scrubber, served prompts and user feedback as comparison rows."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy.orm import Session
+
+from rlhf.comparisons import to_table
+from rlhf.feedback import Feedback, ServedChoice, ServedCompletion, feedback_comparisons, scrub, served_prompts
+from rlhf.labeling.db import Base, make_engine, upgrade_database
+
+
+@pytest.mark.parametrize("text, clean, kinds", [
+    ("write to ana.lopez+work@mail.example.org today", "write to [EMAIL] today", ["email"]),
+    ("call +1 (555) 123-4567 or 555-123-4567", "call [PHONE] or [PHONE]", ["phone"]),
+    ("ring +44 20 7946 0958, or 020-7946-0958, or 555.123.4567", "ring [PHONE], or [PHONE], or [PHONE]", ["phone"]),
+    ("card 4111 1111 1111 1111 exp 12/29", "card [CARD] exp 12/29", ["card"]),
+    ("pay with 4111-1111-1111-1112 or 378282246310005", "pay with [CARD] or [CARD]", ["card"]),
+    ("server 192.168.10.254 and 2001:db8::8a2e:370:7334 and ::1", "server [IP] and [IP] and [IP]", ["ip"]),
+    ("mail bob@x.io from 10.0.0.1", "mail [EMAIL] from [IP]", ["email", "ip"]),
+])
+def test_scrub_replaces_personal_data(text, clean, kinds):
+    assert scrub(text) == (clean, kinds)
+
+
+@pytest.mark.parametrize("text", [
+    "on 2026-11-23 at 12:30:45 we shipped v1.2.3",
+    "pi is 3.14159 and e is 2.71828",
+    "use std::vector and Foo::bar, not abc::def",
+    "order 12345678 holds 100 200 300 items",
+    "999.999.999.999 is no address",
+    "the year 1999 and the range 10-20",
+])
+def test_scrub_leaves_ordinary_text_alone(text):
+    assert scrub(text) == (text, [])
+
+
+def test_feedback_tables_match_their_migration(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    upgrade_database(engine)
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+    engine.dispose()
+
+
+T0 = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+
+
+def served(db: Session, cid: str, prompt: str, texts: list[str], minutes: int, version: str = "1",
+           messages: list[dict] | None = None) -> None:
+    messages = messages or [{"role": "user", "content": prompt}]
+    db.add(ServedCompletion(
+        id=cid, model_name="policy", model_version=version, messages=json.dumps(messages), prompt=prompt,
+        single_turn=[m["role"] for m in messages if m["role"] != "system"] == ["user"], temperature=1.0, top_p=1.0,
+        max_tokens=16, prompt_tokens=5, api_key_id="k", created_at=T0 + timedelta(minutes=minutes),
+        choices=[ServedChoice(index=i, text=t, finish_reason="stop", completion_tokens=3) for i, t in enumerate(texts)]))
+
+
+def rate(db: Session, cid: str, minutes: int, **fields) -> None:
+    kind = "pairwise" if "preferred" in fields else "thumbs"
+    db.add(Feedback(completion_id=cid, kind=kind, created_at=T0 + timedelta(minutes=minutes), **fields))
+
+
+@pytest.fixture
+def store(tmp_path):
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    engine = make_engine(url)
+    upgrade_database(engine)
+    with Session(engine) as db:
+        served(db, "c1", "Explain rain to me", ["rain falls", "water drops"], 0)
+        served(db, "c2", "  explain RAIN to   me ", ["clouds weep"], 1)  # same prompt, other spacing and case
+        served(db, "c3", "Call me at 555-123-4567", ["ok"], 2)
+        served(db, "c4", "yes, do that", ["done"], 3, messages=[
+            {"role": "user", "content": "plan a trip"}, {"role": "assistant", "content": "where?"},
+            {"role": "user", "content": "yes, do that"}])
+        served(db, "c5", "Explain rain to me", ["from clouds"], 4, version="2")
+        served(db, "c6", "What is 2+2?", ["4", "five"], 5)
+        db.commit()
+        rate(db, "c1", 10, preferred="a")
+        rate(db, "c1", 11, preferred="b")       # the user changed their mind: the latest counts
+        rate(db, "c1", 12, choice_index=0, rating="up")  # left to the pairwise judgement of c1
+        rate(db, "c2", 13, choice_index=0, rating="down")
+        rate(db, "c5", 14, choice_index=0, rating="up")  # other version: no partner for c2's down
+        rate(db, "c6", 15, choice_index=0, rating="up")
+        rate(db, "c6", 16, choice_index=1, rating="down")
+        rate(db, "c3", 17, choice_index=0, rating="down")  # no up to pair with
+        db.commit()
+    engine.dispose()
+    return url
+
+
+def test_served_prompts_are_scrubbed_deduplicated_single_turn(store):
+    prompts = served_prompts(store)
+    assert list(prompts["prompt"]) == ["Explain rain to me", "Call me at [PHONE]", "What is 2+2?"]
+    assert list(prompts["times_served"]) == [3, 1, 1]
+    assert list(prompts["pii"]) == ["", "phone", ""]
+    assert prompts["model_version"][0] == "policy/1"
+    later = served_prompts(store, since=(T0 + timedelta(minutes=2)).isoformat())
+    assert list(later["prompt"]) == ["Call me at [PHONE]", "Explain rain to me", "What is 2+2?"]
+
+
+def test_feedback_becomes_comparison_rows(store):
+    rows = feedback_comparisons(store)
+    to_table(rows)  # the comparison schema accepts them
+    by_id = {r["pair_id"]: r for r in rows.to_dict("records")}
+    assert set(by_id) == {"feedback-c1", "feedback-c6.0-c6.1"}
+    pairwise = by_id["feedback-c1"]
+    assert (pairwise["response_a"], pairwise["response_b"], pairwise["chosen"]) == ("rain falls", "water drops", "b")
+    assert pairwise["source"] == "feedback:policy/1" and pairwise["policy_version"] == "policy/1"
+    thumbs = by_id["feedback-c6.0-c6.1"]
+    chosen_text = thumbs["response_a"] if thumbs["chosen"] == "a" else thumbs["response_b"]
+    assert chosen_text == "4" and {thumbs["response_a"], thumbs["response_b"]} == {"4", "five"}
+
+
+def test_a_missing_store_is_an_error_not_an_empty_refeed(tmp_path):
+    with pytest.raises(FileNotFoundError, match="rlhf serve"):
+        served_prompts(f"sqlite:///{tmp_path / 'nowhere.db'}")
