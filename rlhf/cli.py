@@ -59,6 +59,12 @@ def _label(args) -> int:
     return label_main(args.rest)
 
 
+def _serve(args) -> int:
+    from rlhf.serve import main as serve_main
+
+    return serve_main(args.host, args.port, args.params, args.api_keys_file)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf", description="An RLHF pipeline: DVC stages under Prefect flows, tracked in MLflow.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +90,17 @@ def main(argv: list[str] | None = None) -> int:
                            add_help=False)
     label.add_argument("rest", nargs=argparse.REMAINDER)
     label.set_defaults(func=_label)
+    serve = sub.add_parser("serve", help="serve the registry's champion (OpenAI-compatible API; keys from RLHF_API_KEYS)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--params", default="params.yaml", help="settings file (its `serve` and `promote` sections)")
+    serve.add_argument("--api-keys-file", help="one API key per line, instead of the RLHF_API_KEYS variable")
+    serve.set_defaults(func=_serve)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["label"]:  # the labeling app parses its own arguments, --help included
+        from rlhf.labeling.cli import main as label_main
+
+        return label_main(argv[1:])
     args = parser.parse_args(argv)
     try:
         return args.func(args)
