@@ -446,8 +446,6 @@ def create_app(serve: ServeParams, model_name: str, api_keys: list[str], dtype: 
 
     keys = [k.encode() for k in check_api_keys(api_keys)]
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    engine = open_store(serve.database)
-    open_session = sessionmaker(engine, expire_on_commit=False)
     champion = Champion(model_name, serve.poll_seconds, dtype)
     context = getattr(champion.current.model.config, "max_position_embeddings", None)
     if context is not None and serve.max_prompt_tokens + serve.max_new_tokens > context:
@@ -456,6 +454,12 @@ def create_app(serve: ServeParams, model_name: str, api_keys: list[str], dtype: 
             f"serve.max_prompt_tokens ({serve.max_prompt_tokens}) + serve.max_new_tokens ({serve.max_new_tokens}) is more "
             f"than the {context} positions {model_name} v{champion.current.version} can attend to. Lower either in params.yaml."
         )
+    try:
+        engine = open_store(serve.database)
+    except Exception:
+        champion.stop()
+        raise
+    open_session = sessionmaker(engine, expire_on_commit=False)
     batcher = Batcher(champion, serve.max_batch_size, serve.batch_wait_ms / 1000, serve.max_pending,
                       serve.max_prompt_tokens)
 
