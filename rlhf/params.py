@@ -77,6 +77,61 @@ class SftParams:
 
 
 @dataclass(frozen=True)
+class RewardModelParams:
+    epochs: int = _f(1, "passes over the train split of the comparisons", "must be >= 1", _positive)
+    learning_rate: float = _f(1e-4, "peak learning rate (the scalar head and the LoRA weights, or every weight)", "must be > 0; 5e-5 to 3e-4 is usual with LoRA, 5e-6 to 2e-5 for full fine-tuning", _positive)
+    warmup_ratio: float = _f(0.1, "share of optimiser steps spent warming up linearly before a linear decay to 0", "must lie in [0, 1)", lambda v: 0 <= v < 1)
+    batch_size: int = _f(8, "comparison pairs per micro-batch (chosen and rejected go through one forward pass: 2x sequences)", "must be >= 1 and no larger than the train split", _positive)
+    grad_accum_steps: int = _f(1, "micro-batches per optimiser step", "must be >= 1", _positive)
+    max_seq_len: int = _f(384, "longest prompt+response in tokens; a long prompt loses its beginning, a long response its end (each keeps half when both are long)", "must be >= 32", lambda v: v >= 32)
+    weight_decay: float = _f(0.0, "AdamW weight decay", "must be >= 0", _non_negative)
+    max_grad_norm: float = _f(1.0, "gradient-norm clip", "must be > 0", _positive)
+    lora_r: int = _f(16, "LoRA rank; 0 trains every weight (full fine-tuning)", "must be >= 0", _non_negative)
+    lora_alpha: int = _f(32, "LoRA scale numerator (scale = alpha / r)", "must be > 0", _positive)
+    lora_dropout: float = _f(0.05, "dropout on the LoRA path", "must lie in [0, 1)", lambda v: 0 <= v < 1)
+    eval_every: int = _f(20, "optimiser steps between validation passes", "must be >= 1", _positive)
+    seed: int = _f(0, "seed for shuffling and the scalar head's initialisation")
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora_r > 0
+
+
+@dataclass(frozen=True)
+class PpoParams:
+    prompts: str = _f("comparisons", "training prompts: 'comparisons' (the distinct prompts of the comparisons' train split) or a local .jsonl/.parquet file with a `prompt` column")
+    iterations: int = _f(30, "PPO iterations (sample a batch, score it, update)", "must be >= 1", _positive)
+    batch_size: int = _f(8, "prompts sampled per iteration, one response each", "must be >= 1 and no larger than the number of training prompts", _positive)
+    minibatch_size: int = _f(4, "responses per gradient step", "must be >= 1 and divide ppo.batch_size", _positive)
+    ppo_epochs: int = _f(2, "passes of minibatch updates over each iteration's batch", "must be >= 1", _positive)
+    max_prompt_len: int = _f(256, "prompt tokens kept (cut from the left, so the end of a long conversation stays)", "must be >= 8", lambda v: v >= 8)
+    max_new_tokens: int = _f(64, "longest sampled response in tokens", "must be >= 1", _positive)
+    temperature: float = _f(1.0, "sampling temperature; log-probabilities are taken under the same tempered distribution", "must be > 0; 0.7 to 1.0 is usual", _positive)
+    learning_rate: float = _f(5e-5, "peak learning rate, decayed linearly to 0 over the run", "must be > 0; 1e-5 to 1e-4 is usual with LoRA, 1e-6 to 1e-5 for full fine-tuning", _positive)
+    lora_r: int = _f(16, "LoRA rank of the policy; 0 trains every weight and keeps a frozen copy as reference", "must be >= 0", _non_negative)
+    lora_alpha: int = _f(32, "LoRA scale numerator (scale = alpha / r)", "must be > 0", _positive)
+    value_model: Literal["head", "reward_model"] = _f("head", "'head': a linear value head on the policy's last hidden state; 'reward_model': a separate value model initialised from the reward model")
+    kl_coef: float = _f(0.05, "initial β of the per-token penalty −β·(log π − log π_ref)", "must be >= 0; 0.01 to 0.2 is usual", _non_negative)
+    kl_target: float = _f(4.0, "KL per response (nats) the adaptive controller steers β towards", "must be > 0", _positive)
+    kl_horizon: int = _f(1000, "responses over which the controller closes the gap to kl_target (smaller reacts faster)", "must be >= 1", _positive)
+    gamma: float = _f(1.0, "discount γ of GAE", "must lie in (0, 1]", lambda v: 0 < v <= 1)
+    lam: float = _f(0.95, "λ of GAE (bias-variance trade-off)", "must lie in [0, 1]", lambda v: 0 <= v <= 1)
+    clip_eps: float = _f(0.2, "ε bounding the policy ratio to [1−ε, 1+ε]", "must lie in (0, 1); 0.2 is usual", _fraction)
+    value_clip: float = _f(0.2, "how far a value may move from its sampled estimate before its loss is clipped", "must be > 0", _positive)
+    vf_coef: float = _f(0.1, "weight of the value loss in the total loss", "must be >= 0", _non_negative)
+    entropy_coef: float = _f(0.001, "weight c_H of the entropy bonus (the loss gets −c_H·H)", "must be >= 0", _non_negative)
+    max_grad_norm: float = _f(1.0, "gradient-norm clip", "must be > 0", _positive)
+    no_eos_penalty: float = _f(1.0, "subtracted from the normalised RM score of a response that reaches max_new_tokens without EOS", "must be >= 0", _non_negative)
+    checkpoint_every: int = _f(10, "iterations between checkpoints under checkpoints/ppo (a restarted stage resumes from the last)", "must be >= 1", _positive)
+    eval_prompts: int = _f(48, "held-out prompts (test split) scored before and after PPO", "must be >= 1", _positive)
+    seed: int = _f(0, "seed for prompt order, sampling and initialisation")
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora_r > 0
+
+
+@dataclass(frozen=True)
 class PromoteParams:
     model_name: str = _f("rlhf-policy", "registered model name of the policy in the MLflow registry")
     reward_model_name: str = _f("rlhf-reward", "registered model name of the reward model")
@@ -107,6 +162,8 @@ class ServeParams:
 class Params:
     model: ModelParams
     sft: SftParams
+    reward_model: RewardModelParams
+    ppo: PpoParams
     promote: PromoteParams
     serve: ServeParams
 
@@ -177,7 +234,8 @@ def _build_section(cls: type, name: str, raw: Any, source: str):
     return cls(**values)
 
 
-SECTIONS = {"model": ModelParams, "sft": SftParams, "promote": PromoteParams, "serve": ServeParams}
+SECTIONS = {"model": ModelParams, "sft": SftParams, "reward_model": RewardModelParams, "ppo": PpoParams,
+            "promote": PromoteParams, "serve": ServeParams}
 
 
 def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
