@@ -1,0 +1,393 @@
+"""Stage `reward_model`: a scalar reward R(prompt, response) learned from judged pairs.
+
+The model is the policy's architecture with a one-output head (`AutoModelForSequenceClassification`,
+`num_labels=1`), initialised from models/sft. A (prompt, response) is rendered with the chat template
+exactly as the policy sees it, and the reward is the head's output at the last non-padding token.
+The chosen and rejected responses of a batch are stacked into one forward pass; the loss is
+−log σ(R₊ − R₋) (Bradley–Terry).
+
+Ties: a pair labelled 'tie' says neither response is better, which −log σ(R₊ − R₋) cannot express
+(it has no direction), so tied pairs are left out of the loss and of the accuracy. They are counted
+(`rm/ties_excluded`), not dropped silently.
+
+After training, the mean and standard deviation of the reward over every training response are
+stored in the checkpoint's config.json as `reward_normalization`, so PPO scores in RM std units.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, get_linear_schedule_with_warmup
+
+from rlhf import tracking
+from rlhf.comparisons import read_comparisons
+from rlhf.models import count_parameters, load_tokenizer, resolve_precision, save_checkpoint
+from rlhf.params import ParamError, RewardModelParams, load_params
+
+SFT_DIR = "models/sft"
+TRAIN_COMPARISONS = "data/comparisons/train.parquet"
+VAL_COMPARISONS = "data/comparisons/validation.parquet"
+OUT_DIR = "models/reward"
+METRICS = "metrics/reward_model.json"
+PLOT = "plots/reward_model.csv"
+NORMALIZATION_KEY = "reward_normalization"  # config.json entry: {"mean", "std", "responses"}
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+# ------------------------------------------------------------------------------------------------
+# The equation
+# ------------------------------------------------------------------------------------------------
+
+def preference_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> torch.Tensor:
+    # L = −log σ(R₊ − R₋), mean over pairs
+    return -F.logsigmoid(reward_chosen - reward_rejected).mean()
+
+
+def reward_at_last_token(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """R = the head's output at the last position whose attention mask is 1. (B, T) -> (B,)
+
+    The rightmost attended position, so it holds for right and left padding alike.
+    """
+    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
+    last = (positions * attention_mask).argmax(dim=1)
+    return scores[torch.arange(scores.size(0), device=scores.device), last]
+
+
+def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The scalar head at every position, (B, T) in fp32; PPO reads these as per-token values."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
+    backbone = getattr(inner, inner.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    return inner.score(hidden).squeeze(-1).float()
+
+
+def rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return reward_at_last_token(token_scores(model, input_ids, attention_mask), attention_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: comparisons -> pairs -> token ids
+# ------------------------------------------------------------------------------------------------
+
+def load_pairs(path: str | Path) -> tuple[list[Pair], int]:
+    """(chosen, rejected) pairs of a comparisons file, and how many ties were left out."""
+    frame = read_comparisons(path)
+    unjudged = frame["chosen"].isna() | ~frame["chosen"].isin(["a", "b", "tie"])
+    if unjudged.any():
+        row = frame[unjudged].iloc[0]
+        shown = "no label" if row["chosen"] is None or row["chosen"] != row["chosen"] else repr(row["chosen"])
+        raise ParamError(
+            f"{path}: {int(unjudged.sum())} row(s) have no valid `chosen` (the first, pair_id {row['pair_id']!r}, has {shown}), "
+            "but a reward model needs every pair judged 'a', 'b' or 'tie'. The validate stage quarantines such rows; "
+            "run `dvc repro validate` and train on its output."
+        )
+    pairs = []
+    for prompt, a, b, chosen in zip(frame["prompt"], frame["response_a"], frame["response_b"], frame["chosen"]):
+        if chosen == "a":
+            pairs.append(Pair(prompt, a, b))
+        elif chosen == "b":
+            pairs.append(Pair(prompt, b, a))
+    return pairs, int((frame["chosen"] == "tie").sum())
+
+
+def encode(tokenizer, prompt: str, response: str, max_seq_len: int) -> list[int]:
+    """Token ids of the prompt and response in the chat template, at most `max_seq_len` long.
+
+    A long prompt loses its beginning (the end of a conversation matters most) and a long response
+    its end; when both are long, each keeps half.
+    """
+    user = [{"role": "user", "content": prompt}]
+    prompt_text = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError("the chat template renders the prompt differently inside a whole conversation")
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    keep_prompt = min(len(prompt_ids), max(max_seq_len - len(response_ids), max_seq_len // 2))
+    keep_response = min(len(response_ids), max_seq_len - keep_prompt)
+    return prompt_ids[len(prompt_ids) - keep_prompt:] + response_ids[:keep_response]
+
+
+def encode_pairs(tokenizer, pairs: list[Pair], max_seq_len: int) -> list[tuple[list[int], list[int]]]:
+    return [(encode(tokenizer, p.prompt, p.chosen, max_seq_len), encode(tokenizer, p.prompt, p.rejected, max_seq_len))
+            for p in pairs]
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask, (B, T), padded on the right."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        input_ids[row, :len(s)] = torch.tensor(s)
+        attention_mask[row, :len(s)] = 1
+    return input_ids, attention_mask
+
+
+def stack_pairs(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen rows first, then rejected rows: one forward pass scores both. (2B, T)"""
+    return pad_right([c for c, _ in encoded] + [r for _, r in encoded], pad_id)
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random | None) -> list[list[int]]:
+    """Index batches of similar length (less padding). Shuffled when `rng` is given, else sorted.
+
+    Shuffled: random chunks of 16 batches are sorted by length inside, then the batches are shuffled.
+    """
+    order = list(range(len(lengths)))
+    if rng is None:
+        order.sort(key=lambda i: lengths[i])
+        return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    rng.shuffle(order)
+    chunk = 16 * batch_size
+    order = [i for s in range(0, len(order), chunk) for i in sorted(order[s:s + chunk], key=lambda i: lengths[i])]
+    groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    rng.shuffle(groups)
+    return groups
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------
+
+def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, dict]:
+    """A checkpoint of this stage and its reward normalisation {"mean", "std", "responses"}."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no reward model at {path} (config.json is missing). Run `dvc repro reward_model`.")
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+    if model.config.num_labels != 1:
+        raise ParamError(
+            f"{path} has num_labels={model.config.num_labels}, but a reward model gives one scalar per response. "
+            "Train it with this stage (`dvc repro reward_model`), or load a classifier with num_labels=1."
+        )
+    stats = getattr(model.config, NORMALIZATION_KEY, None)
+    if not stats:
+        raise ParamError(
+            f"{path}/config.json has no `{NORMALIZATION_KEY}`, so PPO cannot put its rewards in standard units. "
+            "Retrain it with `dvc repro reward_model`, which stores the statistics of the training rewards there."
+        )
+    return model, stats
+
+
+def _score_head_model(sft_dir: str, dtype: torch.dtype, params: RewardModelParams):
+    """The SFT checkpoint with a fresh scalar head; LoRA keeps the base frozen in `dtype`."""
+    model = AutoModelForSequenceClassification.from_pretrained(
+        sft_dir, num_labels=1, dtype=dtype if params.uses_lora else torch.float32)
+    if model.config.pad_token_id is None:
+        raise ParamError(f"{sft_dir}/config.json has no pad_token_id; the reward model needs one to batch responses.")
+    if not params.uses_lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
+                        target_modules="all-linear", task_type="SEQ_CLS")  # SEQ_CLS trains the head in full
+    model = get_peft_model(model, config)
+    for p in model.parameters():
+        if p.requires_grad:  # the head was loaded in `dtype`; bf16 weights would swallow small updates
+            p.data = p.data.float()
+    return model
+
+
+@torch.no_grad()
+def score_pairs(model, accelerator, encoded, batch_size: int, pad_id: int, progress: bool = False) -> torch.Tensor:
+    """(R₊, R₋) for every pair, (N, 2), in the pairs' order."""
+    model.eval()
+    out = torch.empty(len(encoded), 2)
+    groups = length_grouped_batches([max(len(c), len(r)) for c, r in encoded], batch_size, rng=None)
+    for group in tqdm(groups, desc="rm eval", disable=not progress, leave=False):
+        input_ids, attention_mask = stack_pairs([encoded[i] for i in group], pad_id)
+        with accelerator.autocast():
+            r = rewards(model, input_ids.to(accelerator.device), attention_mask.to(accelerator.device))
+        out[group] = torch.stack(r.float().cpu().chunk(2), dim=1)
+    model.train()
+    return out
+
+
+def pair_summary(scored: torch.Tensor) -> dict:
+    """Loss, pairwise accuracy and the distribution of R₊ − R₋ for scored pairs (N, 2)."""
+    margin = scored[:, 0] - scored[:, 1]
+    q = torch.quantile(margin, torch.tensor([0.1, 0.5, 0.9])).tolist()
+    return {"loss": float(preference_loss(scored[:, 0], scored[:, 1])), "accuracy": float((margin > 0).float().mean()),
+            "margin_mean": float(margin.mean()), "margin_std": float(margin.std()) if len(margin) > 1 else 0.0,
+            "margin_p10": q[0], "margin_p50": q[1], "margin_p90": q[2]}
+
+
+def check_sizes(params: RewardModelParams, n_train: int, n_val: int, where: str) -> None:
+    if n_train == 0 or n_val == 0:
+        raise ParamError(
+            f"{where} leaves {n_train} train and {n_val} validation pair(s) with a preference once ties are set aside; "
+            "the reward model needs both. Collect more comparisons (`collect` params) and run again."
+        )
+    if params.batch_size > n_train:
+        raise ParamError(
+            f"params.yaml: reward_model.batch_size is {params.batch_size}, larger than the {n_train} training pairs, "
+            f"so not one full batch can be made. Set reward_model.batch_size to at most {n_train} (or add data) and run again."
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+def train(params: RewardModelParams, sft_dir: str, precision: str, train_pairs: list[Pair], val_pairs: list[Pair],
+          out_dir: str | Path, ties_excluded: int = 0) -> dict:
+    """Train the reward model; save it with its reward normalisation; return metrics and curve.
+
+    The result also holds `val_scores` (N, 2): R₊ and R₋ of every validation pair, in order.
+    """
+    check_sizes(params, len(train_pairs), len(val_pairs), "the comparisons")
+    set_seed(params.seed)
+    dtype = resolve_precision(precision)
+    accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+    tokenizer = load_tokenizer(sft_dir)
+    pad_id = tokenizer.pad_token_id
+    train_enc = encode_pairs(tokenizer, train_pairs, params.max_seq_len)
+    val_enc = encode_pairs(tokenizer, val_pairs, params.max_seq_len)
+
+    model = _score_head_model(sft_dir, dtype, params)
+    trainable, total = count_parameters(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=params.learning_rate, weight_decay=params.weight_decay)
+    steps_per_epoch = math.ceil(len(train_enc) / (params.batch_size * params.grad_accum_steps))
+    total_steps = steps_per_epoch * params.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(params.warmup_ratio * total_steps), total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    is_main = accelerator.is_main_process
+
+    before = pair_summary(score_pairs(model, accelerator, val_enc, params.batch_size, pad_id, progress=is_main))
+    curve = [{"step": 0, "train_loss": None, "train_accuracy": None,
+              "val_loss": round(before["loss"], 5), "val_accuracy": round(before["accuracy"], 4)}]
+    _log({"loss/val": before["loss"], "rm/val_accuracy": before["accuracy"]}, step=0)
+
+    rng = random.Random(params.seed)
+    lengths = [max(len(c), len(r)) for c, r in train_enc]
+    step, tokens_seen, train_seconds = 0, 0, 0.0
+    progress = tqdm(total=total_steps, desc="reward_model", disable=not is_main)
+    model.train()
+    for _epoch in range(params.epochs):
+        micro = length_grouped_batches(lengths, params.batch_size, rng)
+        for start in range(0, len(micro), params.grad_accum_steps):
+            group = micro[start:start + params.grad_accum_steps]
+            n_pairs = sum(len(g) for g in group)
+            tic = time.perf_counter()
+            step_loss, step_correct, step_tokens = 0.0, 0, 0
+            for i, indices in enumerate(group):
+                input_ids, attention_mask = stack_pairs([train_enc[j] for j in indices], pad_id)
+                input_ids, attention_mask = input_ids.to(accelerator.device), attention_mask.to(accelerator.device)
+                sync = contextlib.nullcontext() if i == len(group) - 1 else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
+                    reward_chosen, reward_rejected = rewards(model, input_ids, attention_mask).chunk(2)
+                    # a mean over this micro-batch, weighted so the step's loss is the mean over all its pairs
+                    loss = preference_loss(reward_chosen, reward_rejected) * len(indices) / n_pairs
+                accelerator.backward(loss)
+                step_loss += loss.item()
+                step_correct += int((reward_chosen > reward_rejected).sum())
+                step_tokens += int(attention_mask.sum())
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), params.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - tic
+            train_seconds += elapsed
+            tokens_seen += step_tokens
+            row = {"loss/train": step_loss, "rm/train_accuracy": step_correct / n_pairs, "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": float(grad_norm), "perf/tokens_per_s": step_tokens / elapsed}
+            point = {"step": step, "train_loss": round(step_loss, 5), "train_accuracy": round(step_correct / n_pairs, 4),
+                     "val_loss": None, "val_accuracy": None}
+            if step % params.eval_every == 0 and step != total_steps:
+                val = pair_summary(score_pairs(model, accelerator, val_enc, params.batch_size, pad_id))
+                row.update({"loss/val": val["loss"], "rm/val_accuracy": val["accuracy"]})
+                point.update(val_loss=round(val["loss"], 5), val_accuracy=round(val["accuracy"], 4))
+            curve.append(point)
+            _log(row, step=step)
+            progress.set_postfix(loss=f"{step_loss:.3f}", acc=f"{step_correct / n_pairs:.2f}",
+                                 tok_s=f"{step_tokens / elapsed:.0f}")
+            progress.update(1)
+    progress.close()
+
+    val_scores = score_pairs(model, accelerator, val_enc, params.batch_size, pad_id, progress=is_main)
+    val = pair_summary(val_scores)
+    curve[-1].update(val_loss=round(val["loss"], 5), val_accuracy=round(val["accuracy"], 4))
+    _log({"loss/val": val["loss"], "rm/val_accuracy": val["accuracy"]}, step=step)
+    # normalisation statistics over every training response, chosen and rejected alike
+    train_scores = score_pairs(model, accelerator, train_enc, params.batch_size, pad_id, progress=is_main)
+    train_summary = pair_summary(train_scores)
+    reward_mean, reward_std = float(train_scores.mean()), float(train_scores.std())
+
+    metrics = {
+        "rm/train_pairs": len(train_pairs),
+        "rm/val_pairs": len(val_pairs),
+        "rm/ties_excluded": ties_excluded,
+        "rm/steps": step,
+        "rm/trainable_parameters": trainable,
+        "rm/total_parameters": total,
+        "rm/val_loss_before": round(before["loss"], 5),
+        "rm/val_accuracy_before": round(before["accuracy"], 4),
+        "rm/val_loss": round(val["loss"], 5),
+        "rm/val_accuracy": round(val["accuracy"], 4),
+        "rm/train_loss": round(train_summary["loss"], 5),
+        "rm/train_accuracy": round(train_summary["accuracy"], 4),
+        "rm/reward_mean": round(reward_mean, 5),
+        "rm/reward_std": round(reward_std, 5),
+        **{f"rm/val_{k}": round(v, 5) for k, v in val.items() if k.startswith("margin")},
+        "perf/train_tokens_per_s": round(tokens_seen / max(train_seconds, 1e-9), 1),
+        "perf/train_seconds": round(train_seconds, 1),
+    }
+    if is_main:
+        unwrapped = accelerator.unwrap_model(model)
+        inner = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        setattr(inner.config, NORMALIZATION_KEY,
+                {"mean": reward_mean, "std": reward_std, "responses": 2 * len(train_pairs)})
+        save_checkpoint(unwrapped, tokenizer, out_dir, dtype)
+    accelerator.wait_for_everyone()
+    return {"metrics": metrics, "curve": curve, "val_scores": val_scores}
+
+
+def _log(metrics: dict, step: int) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics(metrics, step=step)
+
+
+def main() -> int:
+    params = load_params()
+    train_pairs, train_ties = load_pairs(TRAIN_COMPARISONS)
+    val_pairs, val_ties = load_pairs(VAL_COMPARISONS)
+    with tracking.stage_run("reward_model", {"reward_model": params.section("reward_model"),
+                                             "model.precision": params.model.precision}):
+        result = train(params.reward_model, SFT_DIR, params.model.precision, train_pairs, val_pairs, OUT_DIR,
+                       ties_excluded=train_ties + val_ties)
+        tracking.log_outputs("reward_model", {"reward_model": OUT_DIR})
+        tracking.write_plot(PLOT, result["curve"])
+        tracking.write_metrics(METRICS, result["metrics"])
+    m = result["metrics"]
+    print(f"reward_model: val accuracy {m['rm/val_accuracy_before']:.3f} -> {m['rm/val_accuracy']:.3f}, "
+          f"val loss {m['rm/val_loss_before']:.3f} -> {m['rm/val_loss']:.3f} on {m['rm/val_pairs']} pairs "
+          f"({m['rm/ties_excluded']} ties left out); wrote {OUT_DIR}")
+    return 0
+
+
+if __name__ == "__main__":
+    from rlhf.cli import run_stage
+
+    run_stage(main)
