@@ -1,0 +1,688 @@
+"""Stage `ppo`: optimise the SFT policy against the frozen reward model, on a KL leash to the SFT model.
+
+Each iteration (Ziegler et al. 2019; Ouyang et al. 2022):
+  1. sample one response per prompt for a batch of prompts (stochastic, batched, KV cache);
+  2. score each with the reward model, in RM standard deviations ((R − mean)/std, statistics stored
+     with the RM), minus `no_eos_penalty` when the response never emitted EOS;
+  3. per-token reward r_t = −β·(log π − log π_ref)_t, plus the score on the response's last token;
+  4. GAE(γ, λ) advantages, whitened over the batch's response tokens;
+  5. `ppo_epochs` passes of minibatch updates: clipped surrogate + c_V·clipped value loss − c_H·entropy,
+     gradient-norm clipping;
+  6. the adaptive controller moves β so that the KL per response approaches `kl_target`.
+
+Policy: models/sft with LoRA (the reference is the same weights with the adapter disabled, no second
+copy) or trained in full (the reference is a frozen copy). Value: a linear head on the policy's last
+hidden state, or a separate model initialised from the reward model (`ppo.value_model`).
+
+Checkpoints (checkpoints/ppo, not a DVC output) hold the trainable weights, optimizer, scheduler, β,
+every RNG state and the metrics so far; a restarted stage resumes from the last one whose params and
+inputs match, and ends with the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+
+from rlhf import tracking
+from rlhf.comparisons import read_comparisons
+from rlhf.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision, save_checkpoint
+from rlhf.params import ParamError, PpoParams, load_params
+from rlhf.reward_model import load_reward_model, pad_right, rewards, token_scores
+
+SFT_DIR = "models/sft"
+REWARD_DIR = "models/reward"
+TRAIN_COMPARISONS = "data/comparisons/train.parquet"
+TEST_COMPARISONS = "data/comparisons/test.parquet"
+OUT_DIR = "models/ppo"
+CHECKPOINT_DIR = "checkpoints/ppo"
+METRICS = "metrics/ppo.json"
+PLOT = "plots/ppo.csv"
+N_SAMPLES_SHOWN = 4  # before/after samples printed and logged to MLflow
+
+
+# ------------------------------------------------------------------------------------------------
+# The equations
+# ------------------------------------------------------------------------------------------------
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # x̂ = (x − mean) / std over the valid tokens; 0 elsewhere
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, beta: float) -> torch.Tensor:
+    # β·KL per token, with KL_t = log π(a_t|s_t) − log π_ref(a_t|s_t)
+    return beta * (logp - logp_ref)
+
+
+def token_rewards(score: torch.Tensor, logp: torch.Tensor, logp_ref: torch.Tensor, beta: float,
+                  mask: torch.Tensor) -> torch.Tensor:
+    # r_t = −β·(log π − log π_ref)_t, and r_T += score on the last response token T
+    r = -kl_penalty(logp, logp_ref, beta) * mask
+    last = mask.sum(dim=1).long() - 1
+    r[torch.arange(r.size(0)), last] += score
+    return r
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    # δ_t = r_t + γV_{t+1} − V_t ;  A_t = δ_t + γλA_{t+1} ;  V and A are 0 after the last token.
+    # Returns (advantages, returns = A + V). With γ = λ = 1, A_t = Σ_{k≥t} r_k − V_t.
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    steps = rewards.size(1)
+    for t in reversed(range(steps)):
+        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < steps else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = (delta + gamma * lam * last_gae) * mask[:, t]
+        advantages[:, t] = last_gae
+    return advantages, (advantages + values) * mask
+
+
+def clipped_policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, eps: float,
+                        mask: torch.Tensor) -> torch.Tensor:
+    # L = −E[min(ρA, clip(ρ, 1−ε, 1+ε)A)], ρ = exp(log π − log π_old)
+    ratio = torch.exp(logp - logp_old)
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
+    return -masked_mean(surrogate, mask)
+
+
+def value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor, clip: float,
+               mask: torch.Tensor) -> torch.Tensor:
+    # L_V = ½E[max((V − R)², (V_clip − R)²)], V_clip = V_old + clip(V − V_old, −c, c)
+    values_clipped = values_old + (values - values_old).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (values_clipped - returns) ** 2), mask)
+
+
+def entropy_bonus(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # H = −Σ_a p(a) log p(a), mean over response tokens; the loss gets −c_H·H
+    logp = logits.float().log_softmax(dim=-1)
+    return masked_mean(-(logp.exp() * logp).sum(dim=-1), mask)
+
+
+def approx_kl(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # KL(π_old‖π) ≈ E[(ρ − 1) − log ρ] (Schulman's k3: unbiased, never negative)
+    log_ratio = logp - logp_old
+    return masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask)
+
+
+def clip_fraction(logp: torch.Tensor, logp_old: torch.Tensor, eps: float, mask: torch.Tensor) -> torch.Tensor:
+    # share of tokens whose ratio left [1−ε, 1+ε]
+    return masked_mean(((torch.exp(logp - logp_old) - 1).abs() > eps).float(), mask)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    # 1 − Var(R − V) / Var(R): 1 is a perfect value function, ≤ 0 no better than a constant
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return float(1 - var_residual / var_returns) if var_returns > 0 else float("nan")
+
+
+def adaptive_kl_coef(beta: float, kl: float, target: float, horizon: int, n_responses: int) -> float:
+    # β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n/horizon)  (Ziegler et al. 2019)
+    error = min(max(kl / target - 1, -0.2), 0.2)
+    return beta * (1 + error * n_responses / horizon)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    # log π(a_t|s_t) of the taken tokens, (B, N)
+    return torch.gather(logits.float().log_softmax(dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompts
+# ------------------------------------------------------------------------------------------------
+
+def distinct_prompts(path: str | Path) -> list[str]:
+    """The distinct prompts of a comparisons file, in order of first appearance."""
+    return list(dict.fromkeys(read_comparisons(path)["prompt"]))
+
+
+def load_train_prompts(source: str) -> list[str]:
+    if source == "comparisons":
+        return distinct_prompts(TRAIN_COMPARISONS)
+    path = Path(source)
+    if not path.exists() or path.suffix not in (".jsonl", ".parquet"):
+        raise ParamError(
+            f"params.yaml: ppo.prompts is '{source}', which is neither 'comparisons' nor an existing .jsonl/.parquet "
+            "file. Use 'comparisons' (the prompts of the comparisons' train split) or a file with a `prompt` column."
+        )
+    import pandas as pd
+
+    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path, lines=True)
+    if "prompt" not in frame.columns:
+        raise ParamError(f"{path} has no `prompt` column (it has: {', '.join(map(str, frame.columns))}). Rename the column.")
+    return list(dict.fromkeys(p for p in frame["prompt"] if isinstance(p, str) and p.strip()))
+
+
+class PromptSampler:
+    """Batches of prompts: a seeded shuffle, dealt out in order, reshuffled when used up."""
+
+    def __init__(self, prompts: list[str], seed: int):
+        self.prompts, self.rng, self.queue = prompts, random.Random(seed), []
+
+    def next_batch(self, n: int) -> list[str]:
+        batch = []
+        while len(batch) < n:
+            if not self.queue:
+                self.queue = list(range(len(self.prompts)))
+                self.rng.shuffle(self.queue)
+            batch.append(self.prompts[self.queue.pop()])
+        return batch
+
+    def state(self) -> dict:
+        return {"rng": self.rng.getstate(), "queue": list(self.queue)}
+
+    def restore(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self.queue = list(state["queue"])
+
+
+def encode_prompt(tokenizer, prompt: str, max_prompt_len: int) -> list[int]:
+    """The prompt in the chat template, ready for the assistant's turn; a long one loses its beginning."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"][-max_prompt_len:]
+
+
+def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        input_ids[row, width - len(s):] = torch.tensor(s)
+        attention_mask[row, width - len(s):] = 1
+    return input_ids, attention_mask
+
+
+def reply_suffix(tokenizer) -> list[int]:
+    """Tokens the chat template puts after an assistant reply's EOS (ChatML: the newline)."""
+    user = [{"role": "user", "content": "x"}]
+    prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "y"}], tokenize=False)
+    tail = full[len(prompt) + 1:]  # after the reply "y"
+    eos = tokenizer.eos_token
+    return tokenizer(tail[len(eos):], add_special_tokens=False)["input_ids"] if tail.startswith(eos) else []
+
+
+# ------------------------------------------------------------------------------------------------
+# Rollouts
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_responses(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, temperature: float,
+                     eos_id: int, pad_id: int):
+    """Sample one response per query: (responses (B, N), response_mask (B, N), ended (B,)).
+
+    The mask covers the tokens up to and including the first EOS; `ended` is False where none came.
+    """
+    out = model.generate(input_ids=query, attention_mask=query_mask, do_sample=True, temperature=temperature,
+                         top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id)
+    responses = out[:, query.size(1):]
+    is_eos = responses == eos_id
+    ended = is_eos.any(dim=1)
+    first_eos = torch.where(ended, is_eos.int().argmax(dim=1), responses.size(1) - 1)
+    mask = (torch.arange(responses.size(1), device=responses.device) <= first_eos.unsqueeze(1)).long()
+    return responses.masked_fill(mask == 0, pad_id), mask, ended
+
+
+def policy_forward(model, query, query_mask, responses, response_mask, temperature: float, with_hidden: bool):
+    """Logits over the response positions, (B, N, V) scaled by 1/temperature, and the last hidden state there.
+
+    Position ids follow the attention mask, as in generation with left-padded queries.
+    """
+    input_ids = torch.cat([query, responses], dim=1)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    n = responses.size(1)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                output_hidden_states=with_hidden, logits_to_keep=n + 1)
+    logits = out.logits[:, :-1].float() / temperature  # position t predicts response token t
+    hidden = out.hidden_states[-1][:, -n - 1:-1] if with_hidden else None
+    return logits, hidden
+
+
+def reference_logprobs(accelerator, policy, reference, query, query_mask, responses, response_mask,
+                       temperature: float) -> torch.Tensor:
+    """log π_ref of the response tokens: the frozen copy, or the LoRA policy with its adapter disabled."""
+    if reference is None:
+        with accelerator.unwrap_model(policy).disable_adapter():
+            logits = policy_forward(policy, query, query_mask, responses, response_mask, temperature, False)[0]
+    else:
+        logits = policy_forward(reference, query, query_mask, responses, response_mask, temperature, False)[0]
+    return token_logprobs(logits, responses)
+
+
+def value_forward(value_model, query, query_mask, responses, response_mask) -> torch.Tensor:
+    """Per-token values of a separate value model, (B, N), at the positions that predict each response token."""
+    input_ids = torch.cat([query, responses], dim=1)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    n = responses.size(1)
+    return token_scores(value_model, input_ids, attention_mask, position_ids)[:, -n - 1:-1]
+
+
+@torch.no_grad()
+def score_responses(reward_model, query, query_mask, responses, response_mask, ended, suffix: list[int],
+                    pad_id: int) -> torch.Tensor:
+    """Raw RM scores (B,) of prompt + response in the chat template, as the RM was trained to read them.
+
+    A response that ended gets the template's closing tokens after its EOS; one that did not is scored
+    as it stands (unfinished), and PPO adds the no-EOS penalty.
+    """
+    rows = []
+    for q, qm, r, rm, done in zip(query, query_mask, responses, response_mask, ended):
+        rows.append(q[qm.bool()].tolist() + r[rm.bool()].tolist() + (suffix if done else []))
+    input_ids, attention_mask = pad_right(rows, pad_id)
+    device = query.device
+    return rewards(reward_model, input_ids.to(device), attention_mask.to(device)).float()
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------------
+
+def build_policy(sft_dir: str, dtype: torch.dtype, params: PpoParams):
+    """(policy, frozen reference or None). With LoRA the reference is the policy with its adapter disabled."""
+    if not params.uses_lora:
+        policy = load_causal_lm(sft_dir, dtype=torch.float32)  # fp32 master weights
+        reference = load_causal_lm(sft_dir, dtype=dtype).eval().requires_grad_(False)
+        return policy, reference
+    from peft import LoraConfig, get_peft_model
+
+    # no LoRA dropout: the ratio π/π_old must be exactly 1 before the first update
+    config = LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=0.0,
+                        target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(load_causal_lm(sft_dir, dtype=dtype), config), None
+
+
+def build_value_model(params: PpoParams, reward_dir: str, dtype: torch.dtype, hidden_size: int) -> torch.nn.Module:
+    """A zero-initialised linear head (V = 0 at first), or a trainable copy of the reward model."""
+    if params.value_model == "head":
+        head = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        return head
+    model = AutoModelForSequenceClassification.from_pretrained(
+        reward_dir, dtype=dtype if params.uses_lora else torch.float32)
+    if not params.uses_lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=0.0,
+                        target_modules="all-linear", task_type="SEQ_CLS")
+    model = get_peft_model(model, config)
+    for p in model.parameters():
+        if p.requires_grad:  # the head came in `dtype`; keep its updates in fp32
+            p.data = p.data.float()
+    return model
+
+
+def _trainable(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+def fingerprint(params: PpoParams, precision: str, inputs: list[str | Path]) -> str:
+    """What a checkpoint must match to be resumed: the ppo params, the precision and the inputs' DVC hashes."""
+    spec = {"ppo": asdict(params), "precision": precision,
+            "inputs": {str(p): tracking.dvc_md5(p) for p in inputs if Path(p).exists()}}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def checkpoint_path(folder: Path, iteration: int) -> Path:
+    return folder / f"iter-{iteration:06d}.pt"
+
+
+def save_state(folder: Path, state: dict) -> Path:
+    """One file per checkpoint, written to a temporary name and renamed; older ones are removed after."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(folder, state["iteration"])
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    for old in folder.glob("iter-*.pt"):
+        if old != path:
+            old.unlink()
+    return path
+
+
+def load_latest_state(folder: Path, expected_fingerprint: str) -> dict | None:
+    """The newest checkpoint made with the same params and inputs; stale ones are removed, with a note."""
+    paths = sorted(folder.glob("iter-*.pt"))
+    if not paths:
+        return None
+    state = torch.load(paths[-1], map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != expected_fingerprint:
+        print(f"ppo: {paths[-1]} was made with other params or inputs; starting from scratch and removing it.")
+        for p in paths:
+            p.unlink()
+        return None
+    return state
+
+
+def _rng_states() -> dict:
+    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng(states: dict) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+def check_sizes(params: PpoParams, n_train: int, n_eval: int) -> None:
+    if params.batch_size % params.minibatch_size:
+        raise ParamError(
+            f"params.yaml: ppo.minibatch_size is {params.minibatch_size}, which does not divide ppo.batch_size "
+            f"({params.batch_size}), so the last minibatch of every epoch would be short. Pick a divisor of "
+            f"{params.batch_size} (for example {params.batch_size // 2 or 1})."
+        )
+    if params.batch_size > n_train:
+        raise ParamError(
+            f"params.yaml: ppo.batch_size is {params.batch_size}, larger than the {n_train} distinct training prompts. "
+            f"Set ppo.batch_size to at most {n_train} (or add prompts) and run again."
+        )
+    if n_eval == 0:
+        raise ParamError(
+            f"{TEST_COMPARISONS} holds no prompt that is not also a training prompt, so PPO has nothing held out to "
+            "measure on. Check the validate stage's test split."
+        )
+
+
+def train(params: PpoParams, precision: str, sft_dir: str | Path, reward_dir: str | Path, train_prompts: list[str],
+          eval_prompts: list[str], out_dir: str | Path, checkpoint_dir: str | Path, run_fingerprint: str = "") -> dict:
+    """Run PPO (resuming from `checkpoint_dir` when it holds a matching checkpoint); save the policy; return metrics."""
+    check_sizes(params, len(train_prompts), len(eval_prompts))
+    set_seed(params.seed)
+    dtype = resolve_precision(precision)
+    accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+    device = accelerator.device
+    tokenizer = load_tokenizer(sft_dir)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    suffix = reply_suffix(tokenizer)
+
+    policy, reference = build_policy(str(sft_dir), dtype, params)
+    reward_model, stats = load_reward_model(reward_dir, dtype)
+    reward_model.eval().requires_grad_(False)
+    value_model = build_value_model(params, str(reward_dir), dtype, policy.config.hidden_size)
+    trainable = list(_trainable(policy).values()) + list(_trainable(value_model).values())
+    optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate)
+    updates_per_iteration = params.ppo_epochs * (params.batch_size // params.minibatch_size)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, params.iterations * updates_per_iteration)
+    policy, value_model, optimizer, scheduler = accelerator.prepare(policy, value_model, optimizer, scheduler)
+    reward_model.to(device)
+    if reference is not None:
+        reference.to(device)
+    n_trainable, n_total = count_parameters(policy)
+    sampler = PromptSampler(train_prompts, params.seed)
+    beta, start, curve = params.kl_coef, 0, []
+
+    checkpoint_dir = Path(checkpoint_dir)
+    state = load_latest_state(checkpoint_dir, run_fingerprint)
+    if state is not None:
+        for module, key in ((policy, "policy"), (value_model, "value")):
+            params_now = _trainable(module)
+            if set(params_now) != set(state[key]):
+                raise RuntimeError(f"{checkpoint_dir}: the checkpoint's {key} weights do not match the model built now")
+            with torch.no_grad():
+                for name, p in params_now.items():
+                    p.copy_(state[key][name])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.restore(state["sampler"])
+        beta, start, curve = state["kl_coef"], state["iteration"], state["curve"]
+        _restore_rng(state["rng"])
+        print(f"ppo: resuming after iteration {start} from {checkpoint_path(checkpoint_dir, start)}")
+
+    def values_of(hidden, query, query_mask, responses, response_mask):
+        if params.value_model == "head":
+            return value_model(hidden.float()).squeeze(-1)
+        return value_forward(value_model, query, query_mask, responses, response_mask)
+
+    progress = tqdm(total=params.iterations, initial=start, desc="ppo", disable=not accelerator.is_main_process)
+    for iteration in range(start + 1, params.iterations + 1):
+        tic = time.perf_counter()
+        prompts = sampler.next_batch(params.batch_size)
+        query, query_mask = (t.to(device) for t in pad_left([encode_prompt(tokenizer, p, params.max_prompt_len)
+                                                              for p in prompts], pad_id))
+        # --- rollout: sample, score, and everything PPO holds fixed during the update
+        policy.eval()
+        with torch.no_grad(), accelerator.autocast():
+            responses, mask, ended = sample_responses(accelerator.unwrap_model(policy), query, query_mask,
+                                                      params.max_new_tokens, params.temperature, eos_id, pad_id)
+            generated_at = time.perf_counter()
+            logits, hidden = policy_forward(policy, query, query_mask, responses, mask, params.temperature,
+                                            params.value_model == "head")
+            logp_old = token_logprobs(logits, responses)
+            entropy = entropy_bonus(logits, mask)
+            values_old = values_of(hidden, query, query_mask, responses, mask).float()
+            logp_ref = reference_logprobs(accelerator, policy, reference, query, query_mask, responses, mask,
+                                          params.temperature)
+            raw_score = score_responses(reward_model, query, query_mask, responses, mask, ended, suffix, pad_id)
+            del logits, hidden
+        maskf = mask.float()
+        score = (raw_score - stats["mean"]) / stats["std"] - params.no_eos_penalty * (~ended).float()
+        token_r = token_rewards(score, logp_old, logp_ref, beta, maskf)
+        advantages, returns = gae(token_r, values_old, maskf, params.gamma, params.lam)
+        advantages = whiten(advantages, maskf)
+        kl_per_response = ((logp_old - logp_ref) * maskf).sum(dim=1)
+
+        # --- update: ppo_epochs passes of minibatches over the batch
+        policy.train()
+        stats_sum = {"loss/policy": 0.0, "loss/value": 0.0, "loss/entropy": 0.0, "loss/total": 0.0,
+                     "policy/clip_fraction": 0.0, "policy/approx_kl": 0.0, "value/clip_fraction": 0.0}
+        for _epoch in range(params.ppo_epochs):
+            order = torch.randperm(params.batch_size)
+            for start_mb in range(0, params.batch_size, params.minibatch_size):
+                idx = order[start_mb:start_mb + params.minibatch_size].to(device)
+                q, qm, r, m = query[idx], query_mask[idx], responses[idx], maskf[idx]
+                with accelerator.autocast():
+                    logits, hidden = policy_forward(policy, q, qm, r, mask[idx], params.temperature,
+                                                    params.value_model == "head")
+                    logp = token_logprobs(logits, r)
+                    values = values_of(hidden, q, qm, r, mask[idx]).float()
+                    loss_pg = clipped_policy_loss(logp, logp_old[idx], advantages[idx], params.clip_eps, m)
+                    loss_v = value_loss(values, values_old[idx], returns[idx], params.value_clip, m)
+                    entropy_mb = entropy_bonus(logits, m)
+                    loss = loss_pg + params.vf_coef * loss_v - params.entropy_coef * entropy_mb
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    stats_sum["loss/policy"] += float(loss_pg)
+                    stats_sum["loss/value"] += float(loss_v)
+                    stats_sum["loss/entropy"] += float(entropy_mb)
+                    stats_sum["loss/total"] += float(loss)
+                    stats_sum["policy/clip_fraction"] += float(clip_fraction(logp, logp_old[idx], params.clip_eps, m))
+                    stats_sum["policy/approx_kl"] += float(approx_kl(logp, logp_old[idx], m))
+                    stats_sum["value/clip_fraction"] += float(masked_mean(
+                        ((values - values_old[idx]).abs() > params.value_clip).float(), m))
+                del logits, hidden
+
+        mean_kl = float(kl_per_response.mean())
+        elapsed = time.perf_counter() - tic
+        n_tokens = int(mask.sum())
+        row = {
+            "iteration": iteration,
+            "objective/rm_score": float(((raw_score - stats["mean"]) / stats["std"]).mean()),
+            "objective/score": float(score.mean()),
+            "objective/kl": mean_kl,
+            "objective/kl_coef": beta,
+            "objective/entropy": float(entropy),
+            "objective/non_score_reward": float((token_r.sum(dim=1) - score).mean()),
+            **{k: v / updates_per_iteration for k, v in stats_sum.items()},
+            "value/explained_variance": explained_variance(values_old, returns, maskf),
+            "value/mean": float(masked_mean(values_old, maskf)),
+            "response/length": float(mask.sum(dim=1).float().mean()),
+            "response/no_eos_fraction": float((~ended).float().mean()),
+            "perf/tokens_per_s": n_tokens / elapsed,
+            "perf/generation_tokens_per_s": n_tokens / (generated_at - tic),
+            "perf/iteration_seconds": elapsed,
+            "lr": scheduler.get_last_lr()[0],
+        }
+        curve.append({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()})
+        if accelerator.is_main_process:
+            _log({k: v for k, v in row.items() if k != "iteration"}, step=iteration)
+        beta = adaptive_kl_coef(beta, mean_kl, params.kl_target, params.kl_horizon, params.batch_size)
+        progress.set_postfix(rm=f"{row['objective/rm_score']:.2f}", kl=f"{mean_kl:.2f}", tok_s=f"{n_tokens / elapsed:.0f}")
+        progress.update(1)
+        if accelerator.is_main_process and (iteration % params.checkpoint_every == 0 or iteration == params.iterations):
+            save_state(checkpoint_dir, {
+                "iteration": iteration, "fingerprint": run_fingerprint,
+                "policy": {n: p.detach().cpu().clone() for n, p in _trainable(policy).items()},
+                "value": {n: p.detach().cpu().clone() for n, p in _trainable(value_model).items()},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "kl_coef": beta,
+                "sampler": sampler.state(), "rng": _rng_states(), "curve": curve,
+            })
+    progress.close()
+
+    # --- held-out prompts: the SFT policy (reference) against the trained policy, same seed
+    evaluation = evaluate(params, accelerator, policy, reference, reward_model, stats, tokenizer, eval_prompts, suffix)
+    metrics = {
+        "ppo/iterations": params.iterations,
+        "ppo/resumed_from": start,
+        "ppo/trainable_parameters": n_trainable,
+        "ppo/total_parameters": n_total,
+        "ppo/train_prompts": len(train_prompts),
+        "ppo/final_kl_coef": round(beta, 6),
+        "ppo/last_rm_score": curve[-1]["objective/rm_score"],
+        "ppo/last_kl": curve[-1]["objective/kl"],
+        "ppo/last_entropy": curve[-1]["objective/entropy"],
+        "perf/tokens_per_s": round(sum(r["response/length"] for r in curve) * params.batch_size
+                                   / sum(r["perf/iteration_seconds"] for r in curve), 2),
+        **evaluation["metrics"],
+    }
+    if accelerator.is_main_process:
+        save_checkpoint(accelerator.unwrap_model(policy), tokenizer, out_dir, dtype)
+    accelerator.wait_for_everyone()
+    return {"metrics": metrics, "curve": curve, "samples": evaluation["samples"]}
+
+
+@torch.no_grad()
+def evaluate(params: PpoParams, accelerator, policy, reference, reward_model, stats: dict, tokenizer,
+             prompts: list[str], suffix: list[int]) -> dict:
+    """Mean RM score (RM std units), KL per response, length and EOS rate on held-out prompts, before and after."""
+    device, eos_id, pad_id = accelerator.device, tokenizer.eos_token_id, tokenizer.pad_token_id
+    unwrapped = accelerator.unwrap_model(policy)
+    policy.eval()
+    results = {}
+    for when in ("before", "after"):
+        torch.manual_seed(params.seed + 1)  # both policies draw with the same random stream
+        scores, kls, lengths, ended_all, texts = [], [], [], [], []
+        for s in range(0, len(prompts), params.batch_size):
+            query, query_mask = (t.to(device) for t in pad_left(
+                [encode_prompt(tokenizer, p, params.max_prompt_len) for p in prompts[s:s + params.batch_size]], pad_id))
+            if when == "before":  # the SFT policy: the frozen copy, or the LoRA policy with its adapter off
+                model = reference if reference is not None else unwrapped
+                context = unwrapped.disable_adapter() if reference is None else contextlib.nullcontext()
+            else:
+                model, context = unwrapped, contextlib.nullcontext()
+            with accelerator.autocast():
+                with context:
+                    responses, mask, ended = sample_responses(model, query, query_mask, params.max_new_tokens,
+                                                              params.temperature, eos_id, pad_id)
+                raw = score_responses(reward_model, query, query_mask, responses, mask, ended, suffix, pad_id)
+                if when == "after":  # the SFT policy's KL to itself is 0
+                    logp = token_logprobs(policy_forward(policy, query, query_mask, responses, mask,
+                                                         params.temperature, False)[0], responses)
+                    logp_ref = reference_logprobs(accelerator, policy, reference, query, query_mask, responses, mask,
+                                                  params.temperature)
+                    kls.append(((logp - logp_ref) * mask).sum(dim=1).float().cpu())
+            scores.append(((raw - stats["mean"]) / stats["std"]).cpu())
+            lengths.append(mask.sum(dim=1).float().cpu())
+            ended_all.append(ended.cpu())
+            texts += [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses, mask)]
+        results[when] = {"score": torch.cat(scores), "length": torch.cat(lengths), "ended": torch.cat(ended_all),
+                         "kl": torch.cat(kls) if kls else torch.zeros(len(prompts)), "texts": texts}
+    before, after = results["before"], results["after"]
+    metrics = {
+        "eval/prompts": len(prompts),
+        "eval/rm_score_before": round(float(before["score"].mean()), 4),
+        "eval/rm_score_after": round(float(after["score"].mean()), 4),
+        "eval/rm_score_gain": round(float(after["score"].mean() - before["score"].mean()), 4),
+        "eval/kl_per_response": round(float(after["kl"].mean()), 4),
+        "eval/response_length_before": round(float(before["length"].mean()), 2),
+        "eval/response_length_after": round(float(after["length"].mean()), 2),
+        "eval/no_eos_fraction_before": round(float((~before["ended"]).float().mean()), 4),
+        "eval/no_eos_fraction_after": round(float((~after["ended"]).float().mean()), 4),
+    }
+    samples = [{"prompt": prompts[i], "before": before["texts"][i], "before_score": round(float(before["score"][i]), 3),
+                "after": after["texts"][i], "after_score": round(float(after["score"][i]), 3)}
+               for i in range(min(N_SAMPLES_SHOWN, len(prompts)))]
+    return {"metrics": metrics, "samples": samples}
+
+
+def _log(metrics: dict, step: int) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics(metrics, step=step)
+
+
+def held_out_prompts(train_prompts: list[str], n: int, seed: int) -> tuple[list[str], list[str]]:
+    """(training prompts without any test prompt, up to n test prompts in a seeded order)."""
+    test = distinct_prompts(TEST_COMPARISONS)
+    test_set = set(test)
+    random.Random(seed).shuffle(test)
+    return [p for p in train_prompts if p not in test_set], test[:n]
+
+
+def main() -> int:
+    params = load_params()
+    p = params.ppo
+    train_prompts, eval_prompts = held_out_prompts(load_train_prompts(p.prompts), p.eval_prompts, p.seed)
+    inputs = [SFT_DIR, REWARD_DIR, TEST_COMPARISONS, TRAIN_COMPARISONS if p.prompts == "comparisons" else p.prompts]
+    with tracking.stage_run("ppo", {"ppo": params.section("ppo"), "model.precision": params.model.precision}):
+        result = train(p, params.model.precision, SFT_DIR, REWARD_DIR, train_prompts, eval_prompts, OUT_DIR,
+                       CHECKPOINT_DIR, fingerprint(p, params.model.precision, inputs))
+        tracking.log_outputs("ppo", {"ppo": OUT_DIR})
+        tracking.write_plot(PLOT, result["curve"])
+        tracking.write_metrics(METRICS, result["metrics"])
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            mlflow.log_dict(result["samples"], "ppo_samples.json")
+    m = result["metrics"]
+    for s in result["samples"]:
+        print(f"\nprompt: {s['prompt']}\n  before ({s['before_score']:+.2f}): {s['before']}\n"
+              f"  after  ({s['after_score']:+.2f}): {s['after']}")
+    print(f"\nppo: held-out RM score {m['eval/rm_score_before']:+.3f} -> {m['eval/rm_score_after']:+.3f} "
+          f"(RM std units, {m['eval/prompts']} prompts), KL {m['eval/kl_per_response']:.2f} nats per response; wrote {OUT_DIR}")
+    return 0
+
+
+if __name__ == "__main__":
+    from rlhf.cli import run_stage
+
+    run_stage(main)

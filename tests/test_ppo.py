@@ -1,0 +1,347 @@
+"""PPO: each equation against hand-computed values, rollouts on a tiny model, stability, and exact resume."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from rlhf import ppo
+from rlhf.params import ParamError, PpoParams, load_params
+from rlhf.ppo import (adaptive_kl_coef, approx_kl, clip_fraction, clipped_policy_loss, entropy_bonus, explained_variance,
+                      gae, kl_penalty, pad_left, policy_forward, reply_suffix, sample_responses, token_logprobs,
+                      token_rewards, value_loss, whiten)
+from rlhf.reward_model import NORMALIZATION_KEY
+from tests.conftest import build_tiny_tokenizer
+
+PROMPTS = ["what is two plus two?", "explain why the sky is blue", "write a short poem about rain",
+           "what does a reward model do?"]
+TINY = dict(iterations=6, batch_size=4, minibatch_size=2, ppo_epochs=2, max_new_tokens=6, max_prompt_len=64,
+            checkpoint_every=2, eval_prompts=2, learning_rate=1e-2, lora_r=4, lora_alpha=8, seed=3)
+
+
+# ------------------------------------------------------------------------------------------------
+# The equations, by hand
+# ------------------------------------------------------------------------------------------------
+
+def test_kl_penalty_is_beta_times_the_log_ratio():
+    logp, logp_ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    torch.testing.assert_close(kl_penalty(logp, logp_ref, 0.1), torch.tensor([0.05, -0.1]))
+
+
+def test_token_rewards_put_the_score_on_the_last_response_token():
+    logp = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+    logp_ref = torch.tensor([[-2.0, -1.0, -1.0], [-1.0, -3.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    r = token_rewards(torch.tensor([5.0, 7.0]), logp, logp_ref, 0.5, mask)
+    # −β·KL per token: row 0 has KL (1, 0), row 1 has (0, 2, 0); the score lands on tokens 1 and 2
+    torch.testing.assert_close(r, torch.tensor([[-0.5, 5.0, 0.0], [0.0, -1.0, 7.0]]))
+
+
+def test_gae_hand_example():
+    # δ2 = 2 − 1 = 1, A2 = 1; δ1 = 0 + 0.5·1 − 1 = −0.5, A1 = −0.5 + 0.25·1 = −0.25;
+    # δ0 = 1 + 0.5·1 − 0.5 = 1, A0 = 1 + 0.25·(−0.25) = 0.9375
+    advantages, returns = gae(torch.tensor([[1.0, 0.0, 2.0]]), torch.tensor([[0.5, 1.0, 1.0]]),
+                              torch.ones(1, 3), gamma=0.5, lam=0.5)
+    torch.testing.assert_close(advantages, torch.tensor([[0.9375, -0.25, 1.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[1.4375, 0.75, 2.0]]))
+
+
+def test_gae_with_gamma_and_lambda_one_is_returns_minus_values():
+    torch.manual_seed(0)
+    rewards, values = torch.randn(3, 5), torch.randn(3, 5)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]).float()
+    advantages, _ = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    rewards_to_go = (rewards * mask).flip(1).cumsum(1).flip(1)
+    torch.testing.assert_close(advantages, (rewards_to_go - values) * mask)
+
+
+def test_gae_matches_a_plain_loop():
+    torch.manual_seed(1)
+    rewards, values = torch.randn(4, 7), torch.randn(4, 7)
+    lengths = [7, 4, 1, 6]
+    mask = torch.tensor([[1.0] * n + [0.0] * (7 - n) for n in lengths])
+    gamma, lam = 0.9, 0.8
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        for t in range(7):
+            if t >= n:
+                assert advantages[b, t] == 0 and returns[b, t] == 0
+                continue
+            expected = 0.0
+            for k in range(t, n):  # A_t = Σ_k (γλ)^(k−t) δ_k
+                next_value = values[b, k + 1].item() if k + 1 < n else 0.0
+                delta = rewards[b, k].item() + gamma * next_value - values[b, k].item()
+                expected += (gamma * lam) ** (k - t) * delta
+            assert advantages[b, t].item() == pytest.approx(expected, abs=1e-5)
+            assert returns[b, t].item() == pytest.approx(expected + values[b, t].item(), abs=1e-5)
+
+
+def test_whitening_gives_zero_mean_unit_variance_on_valid_tokens_only():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, 100.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    w = whiten(x, mask)
+    valid = w[mask.bool()]
+    assert valid.mean().item() == pytest.approx(0, abs=1e-6)
+    assert (valid ** 2).mean().item() == pytest.approx(1, abs=1e-5)
+    assert w[~mask.bool()].abs().sum() == 0
+
+
+def _ratio_gradient(ratio: float, advantage: float, eps: float = 0.2) -> tuple[float, float]:
+    logp = torch.tensor([[math.log(ratio)]], requires_grad=True)
+    loss = clipped_policy_loss(logp, torch.zeros(1, 1), torch.tensor([[advantage]]), eps, torch.ones(1, 1))
+    loss.backward()
+    return loss.item(), logp.grad.item()
+
+
+def test_a_ratio_outside_the_clip_range_gets_zero_gradient():
+    loss, grad = _ratio_gradient(1.5, advantage=1.0)  # wants a higher ratio, but it is already past 1 + ε
+    assert loss == pytest.approx(-1.2) and grad == 0.0
+    loss, grad = _ratio_gradient(0.5, advantage=-1.0)  # wants a lower ratio, but it is already below 1 − ε
+    assert loss == pytest.approx(0.8) and grad == 0.0
+    # the pessimistic side is never clipped: a ratio past 1 + ε with a negative advantage is pulled back
+    loss, grad = _ratio_gradient(1.5, advantage=-1.0)
+    assert loss == pytest.approx(1.5) and grad == pytest.approx(1.5)  # d(−ρA)/d log ρ = −ρA
+    loss, grad = _ratio_gradient(1.1, advantage=2.0)  # inside the range: the plain surrogate
+    assert loss == pytest.approx(-2.2) and grad == pytest.approx(-2.2)
+
+
+def test_policy_loss_ignores_masked_tokens():
+    logp = torch.tensor([[0.0, 5.0]])
+    loss = clipped_policy_loss(logp, torch.zeros(1, 2), torch.tensor([[1.0, 100.0]]), 0.2, torch.tensor([[1.0, 0.0]]))
+    assert loss.item() == pytest.approx(-1.0)
+
+
+def test_value_loss_is_clipped_around_the_old_value():
+    ones = torch.ones(1, 1)
+    # V moved from 0 to 1 and R = 1: unclipped error 0, clipped V = 0.2 → error 0.64; the max wins: ½·0.64
+    v = torch.tensor([[1.0]], requires_grad=True)
+    loss = value_loss(v, torch.zeros(1, 1), ones, 0.2, ones)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.32) and v.grad.item() == 0.0
+    # inside the clip range it is the plain ½(V − R)²
+    v = torch.tensor([[0.1]], requires_grad=True)
+    loss = value_loss(v, torch.zeros(1, 1), ones, 0.2, ones)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.405) and v.grad.item() == pytest.approx(-0.9)
+
+
+def test_entropy_of_uniform_and_of_certain_distributions():
+    logits = torch.stack([torch.zeros(4), torch.tensor([0.0, -1e4, -1e4, -1e4])]).unsqueeze(0)  # (1, 2, 4)
+    assert entropy_bonus(logits, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(math.log(4))
+    assert entropy_bonus(logits, torch.tensor([[0.0, 1.0]])).item() == pytest.approx(0.0, abs=1e-6)
+    p = torch.tensor([0.5, 0.25, 0.25])
+    assert entropy_bonus(p.log().view(1, 1, 3), torch.ones(1, 1)).item() == pytest.approx(1.5 * math.log(2))
+
+
+def test_approx_kl_and_clip_fraction_by_hand():
+    logp_old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.0, 1.5, 0.9]]))
+    mask = torch.ones(1, 3)
+    expected = ((1.5 - 1 - math.log(1.5)) + (0.9 - 1 - math.log(0.9))) / 3
+    assert approx_kl(logp, logp_old, mask).item() == pytest.approx(expected, rel=1e-5)
+    assert clip_fraction(logp, logp_old, 0.2, mask).item() == pytest.approx(1 / 3)
+
+
+def test_explained_variance():
+    returns, mask = torch.tensor([[1.0, 2.0, 3.0, 9.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.full((1, 4), 2.0), returns, mask) == pytest.approx(0.0)
+
+
+def test_adaptive_kl_controller():
+    assert adaptive_kl_coef(0.1, kl=4.0, target=4.0, horizon=100, n_responses=10) == pytest.approx(0.1)
+    # KL far above target: the error is clipped to +0.2, so β grows by 0.2·n/horizon
+    assert adaptive_kl_coef(0.1, kl=40.0, target=4.0, horizon=100, n_responses=10) == pytest.approx(0.1 * 1.02)
+    assert adaptive_kl_coef(0.1, kl=3.6, target=4.0, horizon=100, n_responses=10) == pytest.approx(0.1 * 0.99)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rollouts on a tiny model
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+class _FixedGenerator:
+    def __init__(self, out):
+        self.out = out
+
+    def generate(self, input_ids, **kwargs):
+        return torch.cat([input_ids, self.out], dim=1)
+
+
+def test_response_mask_ends_at_the_first_eos():
+    eos, pad = 2, 0
+    query = torch.tensor([[5, 6], [5, 6], [5, 6]])
+    generated = torch.tensor([[7, 8, eos, 9], [eos, eos, eos, eos], [7, 8, 9, 10]])
+    responses, mask, ended = sample_responses(_FixedGenerator(generated), query, torch.ones_like(query), 4, 1.0, eos, pad)
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert ended.tolist() == [True, True, False]
+    assert responses.tolist() == [[7, 8, eos, pad], [eos, pad, pad, pad], [7, 8, 9, 10]]
+
+
+def test_reply_suffix_is_what_the_template_puts_after_eos(tokenizer):
+    assert tokenizer.decode(reply_suffix(tokenizer)) == "\n"
+
+
+def test_forward_logprobs_are_those_generation_sampled_from(tiny_model_dir, tokenizer):
+    """Left-padded queries: the forward pass must use the positions generation used, or ratios are off."""
+    from rlhf.models import load_causal_lm
+
+    model = load_causal_lm(tiny_model_dir).eval()
+    query, query_mask = pad_left([ppo.encode_prompt(tokenizer, p, 64) for p in PROMPTS[:3]], tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    out = model.generate(input_ids=query, attention_mask=query_mask, do_sample=True, top_k=0, top_p=1.0,
+                         temperature=0.7, max_new_tokens=5, min_new_tokens=5, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+    responses = out.sequences[:, query.size(1):]
+    sampled = token_logprobs(torch.stack(out.logits, dim=1) / 0.7, responses)
+    with torch.no_grad():
+        logits, _ = policy_forward(model, query, query_mask, responses, torch.ones_like(responses), 0.7, False)
+    torch.testing.assert_close(token_logprobs(logits, responses), sampled, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A tiny randomly initialised reward model with its normalisation, as the reward_model stage writes it."""
+    folder = tmp_path_factory.mktemp("tiny-reward")
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    setattr(model.config, NORMALIZATION_KEY, {"mean": 0.0, "std": 1.0, "responses": 0})
+    model.save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def run_ppo(tmp_path: Path, sft_dir, reward_dir, name: str, **overrides) -> dict:
+    params = PpoParams(**{**TINY, **overrides})
+    return ppo.train(params, "fp32", sft_dir, reward_dir, PROMPTS, PROMPTS[:2], tmp_path / name / "out",
+                     tmp_path / name / "checkpoints", run_fingerprint="tiny")
+
+
+def test_reference_is_the_sft_model_while_the_policy_moves(tiny_model_dir, tiny_reward_dir, tmp_path, tokenizer):
+    from rlhf.models import load_causal_lm
+
+    result = run_ppo(tmp_path, tiny_model_dir, tiny_reward_dir, "run", iterations=2)
+    assert result["metrics"]["eval/kl_per_response"] != 0  # the policy moved away from the reference
+    trained = load_causal_lm(tmp_path / "run" / "out")
+    sft = load_causal_lm(tiny_model_dir)
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), sft.parameters()))
+    # LoRA: the reference is the policy with its adapter off, so it must equal the untouched SFT model
+    params = PpoParams(**TINY)
+    policy, reference = ppo.build_policy(str(tiny_model_dir), torch.float32, params)
+    assert reference is None
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+        query, query_mask = pad_left([ppo.encode_prompt(tokenizer, p, 64) for p in PROMPTS], tokenizer.pad_token_id)
+        responses = torch.randint(3, len(tokenizer), (4, 5))
+        mask = torch.ones_like(responses)
+        from accelerate import Accelerator
+
+        logp_ref = ppo.reference_logprobs(Accelerator(cpu=True), policy, None, query, query_mask, responses, mask, 1.0)
+        logp_sft = token_logprobs(policy_forward(sft, query, query_mask, responses, mask, 1.0, False)[0], responses)
+        logp_policy = token_logprobs(policy_forward(policy, query, query_mask, responses, mask, 1.0, False)[0], responses)
+    torch.testing.assert_close(logp_ref, logp_sft)
+    assert not torch.allclose(logp_policy, logp_sft)
+
+
+def test_no_nan_or_inf_in_100_iterations_under_random_rewards(tiny_model_dir, tiny_reward_dir, tmp_path, monkeypatch):
+    def random_scores(reward_model, query, *args, **kwargs):
+        return torch.randn(query.size(0)) * 10
+
+    monkeypatch.setattr(ppo, "score_responses", random_scores)
+    result = run_ppo(tmp_path, tiny_model_dir, tiny_reward_dir, "long", iterations=100, batch_size=2, minibatch_size=1,
+                     ppo_epochs=1, max_new_tokens=4, checkpoint_every=50, lora_r=0, learning_rate=1e-3,
+                     entropy_coef=0.01)
+    assert len(result["curve"]) == 100
+    for row in result["curve"]:
+        for key, value in row.items():
+            if key != "value/explained_variance":  # undefined (nan) when every return is equal
+                assert math.isfinite(value), (row["iteration"], key, value)
+    weights = load_file(tmp_path / "long" / "out" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert all(math.isfinite(v) for v in result["metrics"].values())
+
+
+@pytest.mark.parametrize("lora_r, value_model", [(4, "head"), (0, "reward_model")])
+def test_killed_and_restarted_run_ends_with_the_same_weights(tiny_model_dir, tiny_reward_dir, tmp_path, monkeypatch,
+                                                              lora_r, value_model):
+    whole = run_ppo(tmp_path, tiny_model_dir, tiny_reward_dir, "whole", lora_r=lora_r, value_model=value_model)
+
+    real_sample = ppo.sample_responses
+    calls = {"n": 0}
+
+    def killed_at_iteration_4(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # iteration 3 finished after the checkpoint of iteration 2, and was lost
+            raise KeyboardInterrupt
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "sample_responses", killed_at_iteration_4)
+    with pytest.raises(KeyboardInterrupt):
+        run_ppo(tmp_path, tiny_model_dir, tiny_reward_dir, "killed", lora_r=lora_r, value_model=value_model)
+    assert [p.name for p in (tmp_path / "killed" / "checkpoints").glob("*.pt")] == ["iter-000002.pt"]
+    monkeypatch.setattr(ppo, "sample_responses", real_sample)
+    resumed = run_ppo(tmp_path, tiny_model_dir, tiny_reward_dir, "killed", lora_r=lora_r, value_model=value_model)
+
+    assert resumed["metrics"]["ppo/resumed_from"] == 2
+    assert resumed["curve"][-1]["objective/kl"] == whole["curve"][-1]["objective/kl"]
+    a = load_file(tmp_path / "whole" / "out" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "out" / "model.safetensors")
+    sft = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[k], sft[k]) for k in sft if k in a)  # training did change the policy
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_checkpoint_from_other_params_is_not_resumed(tiny_model_dir, tiny_reward_dir, tmp_path, capsys):
+    run_ppo(tmp_path, tiny_model_dir, tiny_reward_dir, "run", iterations=2)
+    params = PpoParams(**{**TINY, "iterations": 2})
+    result = ppo.train(params, "fp32", tiny_model_dir, tiny_reward_dir, PROMPTS, PROMPTS[:2], tmp_path / "out2",
+                       tmp_path / "run" / "checkpoints", run_fingerprint="other")
+    assert result["metrics"]["ppo/resumed_from"] == 0
+    assert "made with other params or inputs; starting from scratch" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# Params
+# ------------------------------------------------------------------------------------------------
+
+def test_minibatch_must_divide_the_batch():
+    with pytest.raises(ParamError, match=r"ppo.minibatch_size is 3, which does not divide ppo.batch_size \(8\)"):
+        ppo.check_sizes(PpoParams(batch_size=8, minibatch_size=3), 100, 10)
+    with pytest.raises(ParamError, match=r"ppo.batch_size is 8, larger than the 5 distinct training prompts"):
+        ppo.check_sizes(PpoParams(batch_size=8, minibatch_size=4), 5, 10)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("kl_coef", -0.1, r"`ppo.kl_coef` is -0.1\. .* must be >= 0"),
+    ("clip_eps", 1.5, r"`ppo.clip_eps` is 1.5\. It is ε bounding the policy ratio .* must lie in \(0, 1\)"),
+    ("gamma", 0.0, r"`ppo.gamma` is 0.0\. .* must lie in \(0, 1\]"),
+    ("value_model", "critic", r"`ppo.value_model` is 'critic' .* one of 'head', 'reward_model'"),
+])
+def test_out_of_range_ppo_params_are_refused(tmp_path, key, value, message):
+    import yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"ppo": {key: value}}))
+    with pytest.raises(ParamError, match=message):
+        load_params(path)
+
+
+def test_out_of_range_reward_model_params_are_refused(tmp_path):
+    import yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"reward_model": {"learning_rate": 0}}))
+    with pytest.raises(ParamError, match=r"`reward_model.learning_rate` is 0\. .* must be > 0"):
+        load_params(path)
