@@ -83,7 +83,7 @@ def run_dvc_stage(stage: str, parent_run_id: str | None = None, force: bool = Fa
     metrics = stage_metrics(stage)
     rows = "\n".join(f"| `{k}` | {v} |" for k, v in sorted(metrics.items()))
     create_markdown_artifact(
-        key=f"stage-{stage}",
+        key=f"stage-{stage.replace('_', '-')}",  # Prefect artifact keys allow only a-z, 0-9 and dashes
         markdown=(f"## Stage `{stage}`\n\n"
                   f"{'Ran' if stale else 'Unchanged (DVC found nothing to do)'}"
                   f"{f' in {seconds:.1f} s' if stale else ''}.\n\n| metric | value |\n|---|---|\n{rows}\n"),

@@ -79,6 +79,9 @@ TINY_PARAMS = {
     "model": {"policy": None, "precision": "fp32"},
     "sft": {"epochs": 1, "batch_size": 4, "grad_accum_steps": 1, "max_seq_len": 128, "eval_every": 2,
             "learning_rate": 0.003, "lora_r": 0, "val_fraction": 0.1},
+    "reward_model": {"batch_size": 2, "max_seq_len": 64, "eval_every": 2, "learning_rate": 0.003, "lora_r": 0},
+    "ppo": {"iterations": 2, "batch_size": 2, "minibatch_size": 1, "ppo_epochs": 1, "max_new_tokens": 6,
+            "max_prompt_len": 64, "checkpoint_every": 1, "eval_prompts": 2, "lora_r": 4, "lora_alpha": 8},
 }
 
 
@@ -87,6 +90,25 @@ def write_params(folder: Path, overrides: dict) -> None:
     for section, values in overrides.items():
         params.setdefault(section, {}).update(values)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def write_tiny_comparisons(project: Path) -> None:
+    """Judged pairs in data/comparisons/{train,validation,test}.parquet, prompts disjoint across splits."""
+    import pandas as pd
+
+    from rlhf.comparisons import write_comparisons
+
+    answers = [a for _, a in TINY_DEMONSTRATIONS[:4]]
+    splits = {"train": TINY_DEMONSTRATIONS[:4], "validation": [("what is three plus three?", "six")],
+              "test": [("why is rain wet?", "rain is water"), ("name a colour", "blue")]}
+    for split, demos in splits.items():
+        rows = [{"pair_id": f"{split}-{i}", "prompt": q, "response_a": a, "response_b": answers[(i + 1) % 4],
+                 "chosen": "a" if i % 2 == 0 else "tie", "source": "judge:tiny", "policy_version": None,
+                 "votes": None, "agreement": None, "created_at": pd.Timestamp("2026-01-01", tz="UTC")}
+                for i, (q, a) in enumerate(demos)]
+        rows += [{**row, "pair_id": row["pair_id"] + "-swapped", "response_a": row["response_b"],
+                  "response_b": row["response_a"], "chosen": {"a": "b", "tie": "tie"}[row["chosen"]]} for row in rows]
+        write_comparisons(pd.DataFrame(rows), project / "data" / "comparisons" / f"{split}.parquet")
 
 
 @pytest.fixture
@@ -100,6 +122,8 @@ def tiny_project(tmp_path, tiny_model_dir, monkeypatch) -> Path:
     demos = project / "tiny_demonstrations.jsonl"
     demos.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in TINY_DEMONSTRATIONS))
     write_params(project, {"model": {"policy": str(tiny_model_dir)}, "sft": {"data": demos.name}})
+    if "validate" not in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]:
+        write_tiny_comparisons(project)  # until a stage of the pipeline writes them (issue 4)
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
     for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
