@@ -5,8 +5,11 @@ the context is its six-shot QA preamble + "\\n\\nQ: <question>\\nA:", each answe
 continuation " <answer>", and the context and continuation are tokenised the way its `HFLM` does
 (encode context+continuation as one string with the tokenizer's defaults, encode the context alone,
 and take the whole string's tokens after the context's as the continuation). The difference is speed:
-every answer of a question shares the context, so the context runs once and its KV cache is repeated
-across the answers; the preamble, shared by every question, runs once for the whole set.
+the preamble, shared by every question, runs once and its KV cache is kept; each question's own
+context tokens and all of its distinct answers then run once, packed into one sequence with a
+tree-shaped attention mask, instead of one full preamble+question+answer sequence per answer.
+MC2 follows the task's version 3.0 (probability mass on the label-1 answers); version 2.0 split the
+answers at the first label 0, which differs on the 2 rows of mc_task.json whose labels interleave.
 
 Metric names for the stage: `eval/truthfulqa_mc1`, `eval/truthfulqa_mc2`, `eval/toxicity_emt`
 (expected maximum toxicity), `eval/toxicity_probability`, `eval/win_rate` (+ its interval),
@@ -213,7 +216,7 @@ def loglikelihoods_full_sequence(
     return results
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Prefix:
     """A scored token prefix: its KV cache (batch 1) and log p(next token | prefix)."""
 
@@ -222,10 +225,11 @@ class _Prefix:
     next_logprobs: torch.Tensor | None  # (vocab,), float32
 
 
-def _repeat_cache(cache: DynamicCache, n: int, model: PreTrainedModel) -> DynamicCache:
-    # a fresh cache holding n copies of a batch-1 cache; the forward pass appends to it, so the source stays intact
-    layers = [(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1)) for layer in cache.layers]
-    return DynamicCache(layers, config=model.config)
+def _copy_cache(cache: DynamicCache | None, model: PreTrainedModel) -> DynamicCache:
+    # a fresh cache with the same keys/values; the forward pass appends to it, so the source stays intact
+    if cache is None:
+        return DynamicCache(config=model.config)
+    return DynamicCache([(layer.keys, layer.values) for layer in cache.layers], config=model.config)
 
 
 def _extend_prefix(model: PreTrainedModel, prefix: _Prefix, tokens: list[int]) -> _Prefix:
@@ -233,40 +237,85 @@ def _extend_prefix(model: PreTrainedModel, prefix: _Prefix, tokens: list[int]) -
     if not tokens:
         return prefix
     device = next(model.parameters()).device
-    cache = _repeat_cache(prefix.cache, 1, model) if prefix.cache is not None else DynamicCache(config=model.config)
-    out = model(input_ids=torch.tensor([tokens], device=device), past_key_values=cache, use_cache=True)
+    out = model(input_ids=torch.tensor([tokens], device=device), past_key_values=_copy_cache(prefix.cache, model),
+                use_cache=True)
     next_logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
     return _Prefix(out.past_key_values, prefix.length + len(tokens), next_logprobs)
 
 
-def _loglikelihoods_after_prefix(
-    model: PreTrainedModel, prefix: _Prefix, continuations: Sequence[list[int]], batch_size: int
-) -> list[float]:
-    """Σ log p(continuation | prefix) for each continuation, reusing the prefix's KV cache.
+@dataclass(frozen=True)
+class _Branches:
+    """One question's share of a packed sequence: its context tokens after the shared prefix, then its answers."""
 
-    The first token's log-prob comes from the prefix's last position; the rest from one forward pass
-    of continuation[:-1] over the cache repeated across a batch of continuations.
+    stem: list[int]
+    continuations: list[list[int]]
+
+
+def _tree_attention_allowed(group: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    # token i sees token j ⇔ j ≤ i, same question, and j is in that question's stem (branch -1) or in i's own answer
+    causal = torch.ones(len(group), len(group), dtype=torch.bool, device=group.device).tril()
+    same_question = group[:, None] == group[None, :]
+    stem_or_same_answer = (branch[None, :] == -1) | (branch[:, None] == branch[None, :])
+    return causal & same_question & stem_or_same_answer
+
+
+def _loglikelihoods_packed(model: PreTrainedModel, prefix: _Prefix, items: Sequence[_Branches]) -> list[list[float]]:
+    """Σ log p(continuation | prefix + stem) for every continuation of every item, in one forward pass.
+
+    All stems and all continuation[:-1] are packed into one sequence on top of the prefix's KV cache,
+    with position ids restarting where each branch starts and a tree-shaped attention mask, so each
+    token sees exactly what it would see in its own full sequence (prefix + stem + its answer so far).
+    An answer's first token is scored from the stem's last position (or the prefix's when the stem is empty).
     """
     device = next(model.parameters()).device
-    results = [prefix.next_logprobs[c[0]].item() for c in continuations]
-    longer = [i for i, c in enumerate(continuations) if len(c) > 1]
-    for start in range(0, len(longer), batch_size):
-        rows = longer[start:start + batch_size]
-        width = max(len(continuations[i]) - 1 for i in rows)
-        inputs = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        targets = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
-        for row, i in enumerate(rows):
-            c = continuations[i]
-            inputs[row, :len(c) - 1] = torch.tensor(c[:-1], device=device)
-            targets[row, :len(c) - 1] = torch.tensor(c[1:], device=device)
-            mask[row, :len(c) - 1] = True
-        cache = _repeat_cache(prefix.cache, len(rows), model)
-        logits = model(input_ids=inputs, past_key_values=cache, use_cache=True).logits
-        token_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
-        sums = (token_logprobs * mask).sum(dim=-1).tolist()
-        for row, i in enumerate(rows):
-            results[i] += sums[row]
+    tokens: list[int] = []
+    positions: list[int] = []
+    group: list[int] = []
+    branch: list[int] = []
+    stem_ends: list[int | None] = []  # row index whose logits predict each item's first answer token
+    answer_rows: list[list[range]] = []  # row indices whose logits predict continuation[1:]
+    for g, item in enumerate(items):
+        for k, token in enumerate(item.stem):
+            tokens.append(token); positions.append(prefix.length + k); group.append(g); branch.append(-1)
+        stem_ends.append(len(tokens) - 1 if item.stem else None)
+        rows = []
+        for b, continuation in enumerate(item.continuations):
+            start = len(tokens)
+            for k, token in enumerate(continuation[:-1]):
+                tokens.append(token); positions.append(prefix.length + len(item.stem) + k); group.append(g); branch.append(b)
+            rows.append(range(start, len(tokens)))
+        answer_rows.append(rows)
+
+    logprobs, row_of = None, {}
+    if tokens:
+        keep = sorted({i for i in stem_ends if i is not None} | {i for rows in answer_rows for r in rows for i in r})
+        row_of = {index: n for n, index in enumerate(keep)}
+        allowed = _tree_attention_allowed(torch.tensor(group, device=device), torch.tensor(branch, device=device))
+        allowed = torch.cat([torch.ones(len(tokens), prefix.length, dtype=torch.bool, device=device), allowed], dim=1)
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        out = model(
+            input_ids=torch.tensor([tokens], device=device),
+            position_ids=torch.tensor([positions], device=device),
+            attention_mask=mask[None, None],
+            past_key_values=_copy_cache(prefix.cache, model),
+            use_cache=True,
+            logits_to_keep=torch.tensor(keep, device=device),
+        )
+        logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)  # (len(keep), vocab)
+
+    results = []
+    for item, stem_end, rows in zip(items, stem_ends, answer_rows):
+        first = prefix.next_logprobs if stem_end is None else logprobs[row_of[stem_end]]
+        lls = []
+        for continuation, r in zip(item.continuations, rows):
+            ll = first[continuation[0]].item()
+            if len(r):
+                picked = logprobs[[row_of[i] for i in r]]
+                targets = torch.tensor(continuation[1:], device=device)
+                ll += picked.gather(-1, targets[:, None]).sum().item()
+            lls.append(ll)
+        results.append(lls)
     return results
 
 
@@ -283,15 +332,16 @@ def truthfulqa_scores(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     questions: Sequence[MultipleChoiceQuestion],
-    batch_size: int = 32,
+    batch_size: int = 4,
     progress: bool = True,
 ) -> TruthfulQAScores:
     """TruthfulQA MC1 and MC2 per question, as lm-eval's truthfulqa_mc1 / truthfulqa_mc2 compute them.
 
-    `batch_size` is the most answers scored in one forward pass. The token prefix shared by every
-    question (the preamble) runs once; each question's own context tokens run once on top of it;
-    each distinct answer (mc1's answers are a subset of mc2's) runs once on the context's repeated
-    KV cache. Log-softmax is taken in float32 whatever the model's dtype.
+    The token prefix shared by every question (the preamble) runs once and its KV cache is kept.
+    Then `batch_size` questions at a time go through one forward pass as one packed sequence: each
+    question's own context tokens, followed by each of its distinct answers (mc1's answers are a
+    subset of mc2's), with a tree-shaped attention mask so every answer sees only the preamble, its
+    question and itself. Log-softmax is taken in float32 whatever the model's dtype.
     """
     if not questions:
         raise ValueError("truthfulqa_scores got no questions; load them with load_truthfulqa_mc(path).")
@@ -311,15 +361,19 @@ def truthfulqa_scores(
     mc1, mc2, mc1_lls, mc2_lls = [], [], [], []
     with _eval_mode(model):
         root = _extend_prefix(model, _Prefix(None, 0, None), encoded[0][0][:shared])
-        bar = tqdm(zip(questions, encoded), total=len(questions), desc="truthfulqa", disable=not progress)
-        for q, (context_ids, continuations) in bar:
-            prefix = _extend_prefix(model, root, context_ids[shared:])
-            lls = dict(zip(continuations, _loglikelihoods_after_prefix(model, prefix, list(continuations.values()), batch_size)))
-            mc1_lls.append([lls[a] for a in q.mc1_choices])
-            mc2_lls.append([lls[a] for a in q.mc2_choices])
-            mc1.append(mc1_score(mc1_lls[-1]))
-            mc2.append(mc2_score(mc2_lls[-1], q.mc2_labels))
+        bar = tqdm(total=len(questions), desc="truthfulqa", unit="q", disable=not progress)
+        for start in range(0, len(questions), batch_size):
+            chunk = encoded[start:start + batch_size]
+            items = [_Branches(context_ids[shared:], list(continuations.values())) for context_ids, continuations in chunk]
+            for q, (_, continuations), lls in zip(questions[start:start + batch_size], chunk, _loglikelihoods_packed(model, root, items)):
+                by_answer = dict(zip(continuations, lls))
+                mc1_lls.append([by_answer[a] for a in q.mc1_choices])
+                mc2_lls.append([by_answer[a] for a in q.mc2_choices])
+                mc1.append(mc1_score(mc1_lls[-1]))
+                mc2.append(mc2_score(mc2_lls[-1], q.mc2_labels))
+            bar.update(len(chunk))
             bar.set_postfix(mc1=f"{sum(mc1) / len(mc1):.3f}", mc2=f"{sum(mc2) / len(mc2):.3f}")
+        bar.close()
     return TruthfulQAScores(mc1, mc2, mc1_lls, mc2_lls)
 
 

@@ -21,9 +21,11 @@ from rlhf.evaluate import (
     ANSWER_DELIMITER,
     MultipleChoiceQuestion,
     _common_prefix_length,
+    _Branches,
     _extend_prefix,
-    _loglikelihoods_after_prefix,
+    _loglikelihoods_packed,
     _Prefix,
+    _tree_attention_allowed,
     binomial_confidence_interval,
     encode_context_continuation,
     expected_maximum_toxicity,
@@ -169,30 +171,48 @@ def test_full_sequence_reference_equals_a_plain_per_token_sum(model, tokenizer):
     assert batched == pytest.approx(by_hand, abs=1e-4)
 
 
-def test_kv_cached_prefix_gives_the_full_sequence_loglikelihoods(model, tokenizer):
-    context = truthfulqa_context(QUESTIONS[0].question)
-    answers = list(QUESTIONS[0].mc2_choices) + ["the"]  # " the" is a one-token continuation
-    pairs = [encode_context_continuation(tokenizer, context, ANSWER_DELIMITER + a) for a in answers]
-    assert min(len(c) for _, c in pairs) == 1 < max(len(c) for _, c in pairs)
-    reference = loglikelihoods_full_sequence(model, pairs, batch_size=8)
-    with torch.no_grad():
-        prefix = _extend_prefix(model, _Prefix(None, 0, None), pairs[0][0])
-        fast = _loglikelihoods_after_prefix(model, prefix, [c for _, c in pairs], batch_size=2)
-        # the prefix's cache is reusable: a second pass over it gives the same numbers
-        again = _loglikelihoods_after_prefix(model, prefix, [c for _, c in pairs], batch_size=8)
-        # the test can fail: a prefix missing its last token scores differently
-        short = _extend_prefix(model, _Prefix(None, 0, None), pairs[0][0][:-1])
-        wrong = _loglikelihoods_after_prefix(model, short, [c for _, c in pairs], batch_size=8)
-    assert fast == pytest.approx(reference, abs=1e-4)
-    assert again == pytest.approx(reference, abs=1e-4)
-    assert max(abs(w - r) for w, r in zip(wrong, reference)) > 0.1
-    assert len(set(round(r, 3) for r in reference)) == len(reference)  # the answers really score differently
+def test_packed_tree_sequence_gives_the_full_sequence_loglikelihoods(model, tokenizer):
+    contexts = [truthfulqa_context(q.question) for q in QUESTIONS]
+    answers = [list(q.mc2_choices) + ["the"] for q in QUESTIONS]  # " the" is a one-token continuation
+    pairs = [[encode_context_continuation(tokenizer, c, ANSWER_DELIMITER + a) for a in ans] for c, ans in zip(contexts, answers)]
+    assert min(len(c) for p in pairs for _, c in p) == 1
+    reference = [loglikelihoods_full_sequence(model, p, batch_size=8) for p in pairs]
+    context_ids = [p[0][0] for p in pairs]
+    shared = _common_prefix_length(context_ids)
+    with torch.inference_mode():
+        root = _extend_prefix(model, _Prefix(None, 0, None), context_ids[0][:shared])
+        items = [_Branches(ids[shared:], [c for _, c in p]) for ids, p in zip(context_ids, pairs)]
+        packed = _loglikelihoods_packed(model, root, items)
+        # the root's cache is reusable, and a question alone on its full context (empty stem) scores the same
+        whole = _extend_prefix(model, root, context_ids[1][shared:])
+        alone = _loglikelihoods_packed(model, whole, [_Branches([], [c for _, c in pairs[1]])])
+        # the test can fail: stems missing their last token score differently
+        wrong = _loglikelihoods_packed(model, root, [_Branches(i.stem[:-1], i.continuations) for i in items])
+    for got, want in zip(packed, reference):
+        assert got == pytest.approx(want, abs=1e-4)
+    assert alone[0] == pytest.approx(reference[1], abs=1e-4)
+    assert max(abs(w - r) for ws, rs in zip(wrong, reference) for w, r in zip(ws, rs)) > 0.1
+    assert len({round(r, 3) for r in reference[0]}) == len(reference[0])  # the answers really score differently
+
+
+def test_tree_mask_lets_answers_see_their_question_and_themselves_only():
+    group = torch.tensor([0, 0, 0, 0, 1, 1])
+    branch = torch.tensor([-1, 0, 1, 1, -1, 0])  # q0 stem, q0 answer 0, q0 answer 1 (2 tokens), q1 stem, q1 answer 0
+    allowed = _tree_attention_allowed(group, branch).int().tolist()
+    assert allowed == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 0, 1, 0, 0, 0],
+        [1, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 0],
+        [0, 0, 0, 0, 1, 1],
+    ]
 
 
 def test_truthfulqa_scores_match_the_reference_computation(model, tokenizer):
     contexts = [encode_context_continuation(tokenizer, truthfulqa_context(q.question), " x")[0] for q in QUESTIONS]
     assert 0 < _common_prefix_length(contexts) < min(len(c) for c in contexts)  # the preamble is shared, then they part
-    scores = truthfulqa_scores(model, tokenizer, QUESTIONS, batch_size=2, progress=False)
+    scores = truthfulqa_scores(model, tokenizer, QUESTIONS, batch_size=2, progress=False)  # packs 2, then 1
     for i, q in enumerate(QUESTIONS):
         context = truthfulqa_context(q.question)
         for choices, got in ((q.mc1_choices, scores.mc1_loglikelihoods[i]), (q.mc2_choices, scores.mc2_loglikelihoods[i])):
