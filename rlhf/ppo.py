@@ -462,6 +462,9 @@ def train(params: PpoParams, precision: str, sft_dir: str | Path, reward_dir: st
         beta, start, curve = state["kl_coef"], state["iteration"], state["curve"]
         _restore_rng(state["rng"])
         print(f"ppo: resuming after iteration {start} from {checkpoint_path(checkpoint_dir, start)}")
+        if accelerator.is_main_process:  # this run's MLflow history starts where the checkpoint's ends
+            for row in curve:
+                _log({k: v for k, v in row.items() if k != "iteration"}, step=row["iteration"])
 
     def values_of(hidden, query, query_mask, responses, response_mask):
         if params.value_model == "head":

@@ -184,6 +184,12 @@ def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32) -> t
             f"{path}/config.json has no `{NORMALIZATION_KEY}`, so PPO cannot put its rewards in standard units. "
             "Retrain it with `dvc repro reward_model`, which stores the statistics of the training rewards there."
         )
+    if not stats.get("std", 0) > 0:
+        raise ParamError(
+            f"{path}/config.json: `{NORMALIZATION_KEY}` has std {stats.get('std')!r}, so every training response got the "
+            "same reward and PPO cannot normalise by it. The reward model learned nothing; check its comparisons and "
+            "retrain it with `dvc repro reward_model`."
+        )
     return model, stats
 
 
@@ -380,6 +386,11 @@ def main() -> int:
         tracking.log_outputs("reward_model", {"reward_model": OUT_DIR})
         tracking.write_plot(PLOT, result["curve"])
         tracking.write_metrics(METRICS, result["metrics"])
+        import mlflow
+
+        if mlflow.active_run() is not None:  # the whole distribution of R₊ − R₋, beside its quantiles
+            margins = result["val_scores"][:, 0] - result["val_scores"][:, 1]
+            mlflow.log_dict({"val_margin": [round(float(x), 5) for x in margins]}, "rm_val_margins.json")
     m = result["metrics"]
     print(f"reward_model: val accuracy {m['rm/val_accuracy_before']:.3f} -> {m['rm/val_accuracy']:.3f}, "
           f"val loss {m['rm/val_loss_before']:.3f} -> {m['rm/val_loss']:.3f} on {m['rm/val_pairs']} pairs "

@@ -19,6 +19,17 @@ from tests.conftest import build_tiny_tokenizer
 
 PROMPTS = ["what is two plus two?", "explain why the sky is blue", "write a short poem about rain",
            "what does a reward model do?"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and two OpenMP threads collapse on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY = dict(iterations=6, batch_size=4, minibatch_size=2, ppo_epochs=2, max_new_tokens=6, max_prompt_len=64,
             checkpoint_every=2, eval_prompts=2, learning_rate=1e-2, lora_r=4, lora_alpha=8, seed=3)
 

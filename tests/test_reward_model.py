@@ -15,6 +15,16 @@ from rlhf.reward_model import (NORMALIZATION_KEY, Pair, _score_head_model, check
                                reward_at_last_token, rewards, stack_pairs, train)
 from tests.conftest import build_tiny_tokenizer
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and two OpenMP threads collapse on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # chosen answers the question; rejected is an unrelated sentence from the same corpus
 PAIRS = [
     Pair("what is two plus two?", "two plus two is four", "the quick brown fox jumps over the lazy dog"),
