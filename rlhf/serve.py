@@ -296,7 +296,7 @@ def generate_rows(model, rows: list[Row], pad_id: int, stop_ids: frozenset[int])
     temperature = torch.tensor([r.temperature for r in rows])
     top_p = torch.tensor([r.top_p for r in rows])
     generators = [r.generator for r in rows]
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache, next_position = out.past_key_values, positions[:, -1:] + 1
     done = [False] * len(rows)
     for _ in range(max(r.max_new_tokens for r in rows)):
@@ -314,7 +314,7 @@ def generate_rows(model, rows: list[Row], pad_id: int, stop_ids: frozenset[int])
             break
         attention = torch.cat([attention, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_position,
-                    past_key_values=cache, use_cache=True)
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache, next_position = out.past_key_values, next_position + 1
 
 
