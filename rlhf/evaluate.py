@@ -639,3 +639,236 @@ def mean_kl_per_response(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch
             f"{tuple(logp.shape)}, {tuple(logp_ref.shape)}, {tuple(mask.shape)}."
         )
     return ((logp - logp_ref) * mask).sum(dim=-1).mean().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage `evaluate`: base, SFT, the PPO challenger and the registry's champion, side by side
+# ---------------------------------------------------------------------------------------------
+
+BASE_DIR, SFT_DIR, PPO_DIR, REWARD_DIR = "models/base", "models/sft", "models/ppo", "models/reward"
+STAGE_METRICS = "metrics/evaluate.json"
+REPORT_DIR = "reports/evaluate"
+EMBEDDED_TRUTHFULNESS = "embedded:truthfulness_probe"
+EMBEDDED_PROVOCATIONS = "embedded:provocation_probe"
+
+
+@dataclass
+class Rollouts:
+    """One policy's responses to the held-out prompts, scored by the reward model."""
+
+    texts: list[str]
+    scores: list[float]  # RM score in the RM's training-reward standard deviations
+    lengths: list[int]
+    kl: list[float]  # Σ_t log π − log π_sft over each response
+
+
+def _embedded(name: str) -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("rlhf.data").joinpath("probes", name)))
+
+
+def truthfulness_source(spec: str) -> tuple[str, list[MultipleChoiceQuestion]]:
+    """(metric prefix, questions): the embedded probe, a local mc_task.json, or the hub's truthful_qa."""
+    if spec == EMBEDDED_TRUTHFULNESS:
+        return "truthfulness_probe", load_truthfulqa_mc(_embedded("truthfulness.json"))
+    if Path(spec).exists():
+        return "truthfulqa", load_truthfulqa_mc(spec)
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(spec, "multiple_choice", split="validation")
+    except Exception as error:  # the hub client raises many kinds; all mean the same here
+        raise FileNotFoundError(
+            f"evaluate.truthfulqa is '{spec}': not a local file, and loading it as a hub dataset failed "
+            f"({type(error).__name__}). Offline, point it at TruthfulQA's data/mc_task.json (here "
+            f"../shared/data/truthfulqa/mc_task.json) or use '{EMBEDDED_TRUTHFULNESS}'."
+        ) from None
+    questions = [MultipleChoiceQuestion(
+        question=r["question"],
+        mc1_choices=tuple(r["mc1_targets"]["choices"]), mc1_labels=tuple(r["mc1_targets"]["labels"]),
+        mc2_choices=tuple(r["mc2_targets"]["choices"]), mc2_labels=tuple(r["mc2_targets"]["labels"]),
+    ) for r in rows]
+    return "truthfulqa", questions
+
+
+def toxicity_source(spec: str, limit: int) -> tuple[str, list[str]]:
+    """(metric prefix, prompts): the embedded provocation probe, or RealToxicityPrompts records by path."""
+    if spec == EMBEDDED_PROVOCATIONS:
+        prefix, prompts = "provocation_probe", load_toxicity_prompts(_embedded("provocations.jsonl"))
+    else:
+        prefix, prompts = "realtoxicityprompts", load_toxicity_prompts(spec)
+    return prefix, prompts[:limit] if limit else prompts
+
+
+@torch.no_grad()
+def policy_rollouts(model, reference, reward_model, stats: dict, tokenizer, prompts: list[str], params) -> Rollouts:
+    """Sample one response per prompt (seeded), score it with the RM, and measure its KL to the SFT reference."""
+    from rlhf.ppo import encode_prompt, pad_left, reply_suffix, sample_responses, score_responses, token_logprobs
+
+    eos_id, pad_id, suffix = tokenizer.eos_token_id, tokenizer.pad_token_id, reply_suffix(tokenizer)
+    torch.manual_seed(params.seed)  # every policy draws with the same random stream
+    out = Rollouts([], [], [], [])
+    for start in tqdm(range(0, len(prompts), params.batch_size), desc="held-out rollouts", leave=False):
+        query, query_mask = pad_left([encode_prompt(tokenizer, p, params.max_prompt_len)
+                                      for p in prompts[start:start + params.batch_size]], pad_id)
+        responses, mask, ended = sample_responses(model, query, query_mask, params.max_new_tokens,
+                                                  params.temperature, eos_id, pad_id)
+        raw = score_responses(reward_model, query, query_mask, responses, mask, ended, suffix, pad_id)
+        logp = token_logprobs(_response_logits(model, query, query_mask, responses, mask, params.temperature), responses)
+        logp_ref = token_logprobs(_response_logits(reference, query, query_mask, responses, mask, params.temperature),
+                                  responses)
+        out.kl += ((logp - logp_ref) * mask).sum(dim=1).tolist()
+        out.scores += ((raw - stats["mean"]) / stats["std"]).tolist()
+        out.lengths += mask.sum(dim=1).tolist()
+        out.texts += [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses, mask)]
+    return out
+
+
+def _response_logits(model, query, query_mask, responses, response_mask, temperature: float) -> torch.Tensor:
+    from rlhf.ppo import policy_forward
+
+    return policy_forward(model, query, query_mask, responses, response_mask, temperature, False)[0]
+
+
+def policies_to_evaluate(champion_name: str) -> dict[str, Path]:
+    """base, sft, ppo (the challenger), and the registry's champion when there is one."""
+    from rlhf.promote import champion_checkpoint
+
+    policies = {"base": Path(BASE_DIR), "sft": Path(SFT_DIR), "ppo": Path(PPO_DIR)}
+    try:
+        policies["champion"] = champion_checkpoint(champion_name)
+    except Exception as error:  # no registered model or no alias yet: the first cycle
+        log.info("no champion to compare with (%s)", error)
+    return policies
+
+
+def evaluate_policies(params, precision: str, champion_name: str) -> dict:
+    """Every figure of the stage, per policy, and the challenger's headline metrics for the gate."""
+    from rlhf.models import load_causal_lm, load_tokenizer, resolve_precision
+    from rlhf.ppo import held_out_prompts
+    from rlhf.reward_model import load_reward_model
+
+    dtype = resolve_precision(precision)
+    tokenizer = load_tokenizer(SFT_DIR)
+    reference = load_causal_lm(SFT_DIR, dtype).eval()
+    reward_model, stats = load_reward_model(REWARD_DIR, dtype)
+    reward_model.eval()
+    _, prompts = held_out_prompts([], params.heldout_prompts, params.seed)
+    tqa_prefix, questions = truthfulness_source(params.truthfulqa)
+    tox_prefix, tox_prompts = toxicity_source(params.toxicity_prompts, params.toxicity_prompt_count)
+    classifier = load_toxicity_classifier(params.toxicity_classifier)
+
+    per_policy, rollouts, toxicity = {}, {}, {}
+    for name, folder in policies_to_evaluate(champion_name).items():
+        model = reference if name == "sft" else load_causal_lm(folder, dtype).eval()
+        start = time.perf_counter()
+        rollouts[name] = policy_rollouts(model, reference, reward_model, stats, tokenizer, prompts, params)
+        tqa = truthfulqa_scores(model, tokenizer, questions, batch_size=params.batch_size)
+        figures = {
+            "rm_score": sum(rollouts[name].scores) / len(prompts),
+            "kl": sum(rollouts[name].kl) / len(prompts),
+            "response_length": sum(rollouts[name].lengths) / len(prompts),
+            f"{tqa_prefix}_mc1": tqa.mc1_mean,
+            f"{tqa_prefix}_mc2": tqa.mc2_mean,
+        }
+        if name != "base":  # toxicity is the costly part: k samples per prompt; the base model is not a candidate
+            continuations = sample_continuations(model, tokenizer, tox_prompts, params.toxicity_k,
+                                                 params.toxicity_max_new_tokens, 1.0, 0.9, params.seed, params.batch_size)
+            toxicity[name] = score_toxicity(continuations.texts, classifier)
+            figures[f"{tox_prefix}_toxicity_emt"] = expected_maximum_toxicity(toxicity[name])
+            figures[f"{tox_prefix}_toxicity_probability"] = toxicity_probability(toxicity[name])
+            figures["toxicity_tokens_per_s"] = continuations.tokens_per_second
+        figures["seconds"] = time.perf_counter() - start
+        per_policy[name] = {k: round(v, 5) for k, v in figures.items()}
+
+    headline = {f"eval/{k}": v for k, v in per_policy["ppo"].items() if k != "seconds"}
+    opponent = "champion" if "champion" in rollouts else "sft"
+    rate = win_rate(rollouts["ppo"].scores, rollouts[opponent].scores)
+    lower, upper = binomial_confidence_interval(rate * len(prompts), len(prompts), params.win_rate_confidence)
+    headline.update({f"eval/win_rate_vs_{opponent}": round(rate, 4),
+                     f"eval/win_rate_vs_{opponent}_lower": round(lower, 4),
+                     f"eval/win_rate_vs_{opponent}_upper": round(upper, 4),
+                     "eval/heldout_prompts": len(prompts), "eval/truthfulness_questions": len(questions),
+                     "eval/toxicity_prompts": len(tox_prompts), "eval/toxicity_k": params.toxicity_k})
+    headline.update({f"compare/{name}/{k}": v for name, figures in per_policy.items() for k, v in figures.items()})
+    return {"metrics": headline, "per_policy": per_policy, "rollouts": rollouts, "toxicity": toxicity, "prompts": prompts,
+            "classifier": params.toxicity_classifier}
+
+
+def write_report(result: dict, folder: str | Path) -> list[Path]:
+    """A markdown report with the side-by-side table, samples and plots; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    per_policy, rollouts = result["per_policy"], result["rollouts"]
+    columns = sorted({k for figures in per_policy.values() for k in figures})
+    lines = ["# Evaluation", "", "| figure | " + " | ".join(per_policy) + " |", "|---|" + "---|" * len(per_policy)]
+    lines += [f"| {c} | " + " | ".join(str(per_policy[p].get(c, "")) for p in per_policy) + " |" for c in columns]
+    lines += ["", "Win-rate and gate figures: " + ", ".join(f"`{k}` = {v}" for k, v in result["metrics"].items()
+                                                              if k.startswith("eval/win_rate")), ""]
+    lines += ["## Held-out samples (PPO)", ""]
+    for prompt, text, score in list(zip(result["prompts"], rollouts["ppo"].texts, rollouts["ppo"].scores))[:4]:
+        lines += [f"**Prompt:** {prompt}", "", f"**Response** (RM {score:+.2f}): {text}", ""]
+    files = []
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in rollouts.items():
+        axes[0].hist(r.scores, bins=15, alpha=0.5, label=name)
+    axes[0].set(title="held-out RM score (std units)", xlabel="score")
+    axes[0].legend()
+    for name, scores in result["toxicity"].items():
+        axes[1].hist([max(s) for s in scores], bins=15, alpha=0.5, label=name)
+    axes[1].set(title=f"max toxicity over k samples ({result['classifier']})", xlabel="toxicity")
+    axes[1].legend()
+    figure.tight_layout()
+    figure.savefig(folder / "distributions.png", dpi=90)
+    plt.close(figure)
+    files.append(folder / "distributions.png")
+    if Path("plots/ppo.csv").exists():
+        import pandas as pd
+
+        curve = pd.read_csv("plots/ppo.csv")
+        figure, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+        for ax, column in zip(axes, ("objective/rm_score", "objective/kl")):
+            if column in curve:
+                ax.plot(curve["iteration"], curve[column])
+                ax.set(title=f"PPO {column} per iteration", xlabel="iteration")
+        figure.tight_layout()
+        figure.savefig(folder / "ppo_curves.png", dpi=90)
+        plt.close(figure)
+        files.append(folder / "ppo_curves.png")
+    lines += ["## Plots", ""] + [f"![{f.stem}]({f.name})" for f in files]
+    report = folder / "report.md"
+    tmp = report.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(report)
+    return [report, *files]
+
+
+def main() -> int:
+    import mlflow
+
+    from rlhf import tracking
+    from rlhf.params import load_params
+
+    params = load_params()
+    section = {"evaluate": params.section("evaluate"), "model.precision": params.model.precision,
+               "promote.model_name": params.promote.model_name}
+    with tracking.stage_run("evaluate", section):
+        result = evaluate_policies(params.evaluate, params.model.precision, params.promote.model_name)
+        for path in write_report(result, REPORT_DIR):
+            mlflow.log_artifact(str(path), artifact_path="report")
+        tracking.write_metrics(STAGE_METRICS, result["metrics"])
+    m = result["metrics"]
+    print("evaluate: " + ", ".join(f"{k.removeprefix('eval/')} {v}" for k, v in m.items() if k.startswith("eval/")))
+    return 0
+
+
+if __name__ == "__main__":
+    from rlhf.cli import run_stage
+
+    run_stage(main)

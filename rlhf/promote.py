@@ -38,12 +38,15 @@ class Decision:
 
 
 def gate_figures(evaluation: dict) -> dict:
-    """The evaluation figures the gate reads, whichever truthfulness set was used."""
-    mc2 = evaluation.get("eval/truthfulqa_mc2", evaluation.get("eval/truthfulness_probe_mc2"))
+    """The evaluation figures the gate reads, whichever truthfulness and toxicity sets were used."""
+    def first(*keys):
+        return next((evaluation[k] for k in keys if k in evaluation), None)
+
     return {
-        "win_rate_lower": evaluation.get("eval/win_rate_lower"),
-        "truthfulness_mc2": mc2,
-        "toxicity_probability": evaluation.get("eval/toxicity_probability"),
+        "win_rate_lower": evaluation.get("eval/win_rate_vs_champion_lower"),
+        "truthfulness_mc2": first("eval/truthfulqa_mc2", "eval/truthfulness_probe_mc2"),
+        "toxicity_probability": first("eval/realtoxicityprompts_toxicity_probability",
+                                      "eval/provocation_probe_toxicity_probability"),
         "kl": evaluation.get("eval/kl"),
     }
 

@@ -79,3 +79,13 @@ def test_registry_round_trip_with_gate_decisions_and_overrides(tmp_path, monkeyp
     assert client.get_model_version(name, v2).tags["gate.by"] == "alice"
     assert promote.rollback(name, reason="regression in production", by="bob") == v1
     assert str(client.get_model_version_by_alias(name, "champion").version) == v1
+
+
+def test_gate_reads_the_evaluate_stage_metric_names():
+    evaluation = {"eval/win_rate_vs_champion_lower": 0.52, "eval/truthfulness_probe_mc2": 0.4,
+                  "eval/provocation_probe_toxicity_probability": 0.1, "eval/kl": 2.5}
+    assert promote.gate_figures(evaluation) == {"win_rate_lower": 0.52, "truthfulness_mc2": 0.4,
+                                                "toxicity_probability": 0.1, "kl": 2.5}
+    real = {"eval/truthfulqa_mc2": 0.3, "eval/realtoxicityprompts_toxicity_probability": 0.2}
+    assert promote.gate_figures(real)["truthfulness_mc2"] == 0.3
+    assert promote.gate_figures(real)["toxicity_probability"] == 0.2
