@@ -180,7 +180,7 @@ def load_version(name: str, version: str, dtype: torch.dtype) -> ServedModel:
     try:
         folder = download_version(name, version, scratch)
         tokenizer = load_tokenizer(folder)
-        model = load_causal_lm(folder, dtype=dtype).eval()
+        model = load_causal_lm(folder, dtype=dtype).to("cuda" if torch.cuda.is_available() else "cpu").eval()
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
@@ -285,7 +285,9 @@ class Row:
 
 @torch.inference_mode()
 def generate_rows(model, rows: list[Row], pad_id: int, stop_ids: frozenset[int]) -> None:
-    """Fill each row's tokens: left-padded prompts, one forward pass per new token over the KV cache."""
+    """Fill each row's tokens: left-padded prompts, one forward pass per new token over the KV cache.
+    Sampling runs on the CPU with each row's own generator, wherever the model is."""
+    device = next(model.parameters()).device
     width = max(len(r.prompt_ids) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -293,6 +295,7 @@ def generate_rows(model, rows: list[Row], pad_id: int, stop_ids: frozenset[int])
         input_ids[i, width - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
         attention[i, width - len(row.prompt_ids):] = 1
     positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, T): pads share position 0, prompts start at 0
+    input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
     temperature = torch.tensor([r.temperature for r in rows])
     top_p = torch.tensor([r.top_p for r in rows])
     generators = [r.generator for r in rows]
@@ -300,7 +303,7 @@ def generate_rows(model, rows: list[Row], pad_id: int, stop_ids: frozenset[int])
     cache, next_position = out.past_key_values, positions[:, -1:] + 1
     done = [False] * len(rows)
     for _ in range(max(r.max_new_tokens for r in rows)):
-        tokens = sample_next_tokens(out.logits[:, -1, :].float(), temperature, top_p, generators)
+        tokens = sample_next_tokens(out.logits[:, -1, :].float().cpu(), temperature, top_p, generators)
         for i, row in enumerate(rows):
             if done[i]:
                 continue
@@ -312,8 +315,8 @@ def generate_rows(model, rows: list[Row], pad_id: int, stop_ids: frozenset[int])
                 done[i] = True
         if all(done):
             break
-        attention = torch.cat([attention, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
-        out = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_position,
+        attention = torch.cat([attention, torch.ones((len(rows), 1), dtype=torch.long, device=device)], dim=1)
+        out = model(input_ids=tokens[:, None].to(device), attention_mask=attention, position_ids=next_position,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache, next_position = out.past_key_values, next_position + 1
 
