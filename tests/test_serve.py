@@ -191,36 +191,42 @@ def test_oversized_and_bad_requests_get_clear_4xx(server):
 
 def test_champion_switch_during_requests_fails_none(server):
     client, _, versions = server
-    stop, results, lock = threading.Event(), [], threading.Lock()
+    stop, lock = threading.Event(), threading.Lock()
+    answers: dict[int, list[tuple[int, str | None]]] = {k: [] for k in range(4)}
 
     def user(k: int) -> None:
-        seen = []
         while not stop.is_set():
             response = chat(client, PROMPTS[k % 3], max_tokens=8, n=1 + k % 2)
-            seen.append((response.status_code, response.json().get("model_version")))
+            with lock:
+                answers[k].append((response.status_code, response.json().get("model_version")))
+
+    def served() -> Counter:
         with lock:
-            results.append(seen)
+            return Counter(version for seen in answers.values() for _, version in seen)
+
+    def wait_for(condition, what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, f"waited 60 s for {what}"
+            time.sleep(0.05)
 
     threads = [threading.Thread(target=user, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
-    MlflowClient().set_registered_model_alias(NAME, "champion", versions[1])
-    deadline = time.monotonic() + 60
-    while client.get("/v1/models").json()["data"][0]["version"] != versions[1]:
-        assert time.monotonic() < deadline, "the server never picked up the new champion"
-        time.sleep(0.1)
-    time.sleep(1.0)
-    stop.set()
-    for t in threads:
-        t.join(timeout=60)
-    statuses = Counter(status for seen in results for status, _ in seen)
+    try:
+        wait_for(lambda: served()[versions[0]] >= 4, "answers from the first champion")
+        MlflowClient().set_registered_model_alias(NAME, "champion", versions[1])
+        wait_for(lambda: served()[versions[1]] >= 4, "answers from the new champion")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    statuses = Counter(status for seen in answers.values() for status, _ in seen)
     assert statuses == Counter({200: sum(statuses.values())}), statuses
-    for seen in results:
+    for seen in answers.values():
         order = [version for _, version in seen]
         assert order == sorted(order, key=versions.index), order  # never back to the old model once switched
-    served = Counter(version for seen in results for _, version in seen)
-    assert served[versions[0]] > 0 and served[versions[1]] > 0, served
+    assert client.get("/v1/models").json()["data"][0]["version"] == versions[1]
     assert httpx.get(client.base_url.join("/health")).json()["swaps"] == 1
 
 
