@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from tests.conftest import REPO
 
 INTERVAL_SECONDS = 15
-DEADLINE_SECONDS = 200
+DEADLINE_SECONDS = 300  # a bound for a loaded machine; 85 s to 175 s seen here
 # Prefect 3.8.8's scheduler inserts runs with an ORM bulk INSERT that SQLAlchemy 2.1 refuses ("Can't evaluate
 # bulk DML statement; please supply a bulk_dml decorated function"), so no scheduled run is ever created.
 # With SQLAlchemy 2.0.58 the same test passes: the pin belongs there until Prefect supports 2.1.
@@ -82,8 +82,6 @@ def tail(path: Path, chars: int = 3000) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(SQLALCHEMY_2_1, strict=True, raises=AssertionError,
-                   reason="Prefect 3.8.8's scheduler fails under SQLAlchemy 2.1; pin sqlalchemy==2.0.58")
 def test_the_process_pool_runs_the_scheduled_cycle_twice(tiny_project, tmp_path):
     shutil.copytree(REPO / "infra", tiny_project / "infra", ignore=shutil.ignore_patterns(".env"))
     port = free_port()
@@ -165,6 +163,9 @@ def test_the_process_pool_runs_the_scheduled_cycle_twice(tiny_project, tmp_path)
                 f"worker log:\n{tail(tmp_path / 'worker.log')}\nserver log:\n{tail(tmp_path / 'server.log')}")
             scheduler_error = any("ERROR" in line and "schedule_deployments" in line
                                   for line in tail(tmp_path / "server.log", 200_000).splitlines())
+            if scheduler_error and SQLALCHEMY_2_1:  # everything before this point was checked as usual
+                pytest.xfail("Prefect 3.8.8's scheduler fails under SQLAlchemy 2.1 (pin sqlalchemy==2.0.58): "
+                             + tail(tmp_path / "server.log", 300).strip().splitlines()[-1])
             assert not scheduler_error, f"the server's scheduler failed:\n{tail(tmp_path / 'server.log')}"
             broken = [r for r in runs if r["state_type"] in ("FAILED", "CRASHED")]
             assert not broken, f"{broken[0]['state']}\nworker log:\n{tail(tmp_path / 'worker.log', 6000)}"
