@@ -537,7 +537,15 @@ def create_app(serve: ServeParams, model_name: str, api_keys: list[str], dtype: 
         seed = body.seed if body.seed is not None else secrets.randbits(62)
         rows = [Row(max_tokens, body.temperature, body.top_p, torch.Generator().manual_seed(seed + i))
                 for i in range(body.n)]
-        served, rows = await asyncio.wrap_future(batcher.submit(messages, rows))
+        try:
+            served, rows = await asyncio.wrap_future(batcher.submit(messages, rows))
+        except ApiError:
+            raise
+        except Exception as error:  # generation failed (out of memory, say); the next batch may well succeed
+            log.error("generation failed: %s: %s", type(error).__name__, error)
+            raise ApiError(500, f"Generating the answer failed ({type(error).__name__}); the server's log has the "
+                                "details. Retry; if it keeps failing, tell the operator.", "generation_failed",
+                           kind="server_error") from None
         texts = [r.text for r in rows]
         completion = ServedCompletion(
             id=f"chatcmpl-{secrets.token_hex(16)}", model_name=served.name, model_version=served.version,

@@ -265,3 +265,15 @@ def test_api_keys_are_required_and_not_trivially_short():
         check_api_keys(["", " "])
     with pytest.raises(ValueError, match="shorter than 16"):
         check_api_keys(["short"])
+
+
+def test_a_failing_generation_is_a_json_500_and_the_server_keeps_serving(server, monkeypatch):
+    client, _, _ = server
+    import rlhf.serve
+
+    real = rlhf.serve.generate_rows
+    monkeypatch.setattr(rlhf.serve, "generate_rows", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    failed = chat(client, "hi", max_tokens=2)
+    assert failed.status_code == 500 and failed.json()["error"]["code"] == "generation_failed"
+    monkeypatch.setattr(rlhf.serve, "generate_rows", real)
+    assert chat(client, "hi", max_tokens=2).status_code == 200
