@@ -10,11 +10,14 @@ Refeed, for the next cycle's collect stage:
 - `served_prompts(database_url, since)`: single-turn user prompts, scrubbed, deduplicated;
 - `feedback_comparisons(database_url)`: user judgements as rows of the comparison schema
   (`rlhf/comparisons.py`) with source 'feedback:<model name>/<version>'.
+- `python -m rlhf.feedback` (a DVC stage, `always_changed`): both as Parquet snapshots under data/feedback/,
+  so DVC reruns what reads them only when the served traffic brought something new.
 """
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +27,7 @@ from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
-from rlhf.comparisons import COLUMNS, empty_comparisons
+from rlhf.comparisons import COLUMNS, empty_comparisons, write_comparisons
 from rlhf.labeling.db import Base, UtcDateTime, make_engine, upgrade_database, utc_now
 
 # -- tables (created by migrations/versions/0002_served_feedback.py) ---------------------------------------
@@ -248,3 +251,57 @@ def feedback_comparisons(database_url: str) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     return frame.astype({"votes": "int32"})
 
+
+
+# -- the refeed stage ----------------------------------------------------------------------------------------
+
+PROMPTS_OUT = "data/feedback/served_prompts.parquet"
+COMPARISONS_OUT = "data/feedback/comparisons.parquet"
+METRICS = "metrics/refeed.json"
+PROMPT_COLUMNS = ["prompt", "model_version", "first_seen", "times_served", "pii"]
+
+
+def store_exists(database_url: str) -> bool:
+    url = make_url(database_url)
+    return url.get_backend_name() != "sqlite" or bool(url.database and Path(url.database).exists())
+
+
+def refeed(database_url: str, prompts_out: str = PROMPTS_OUT, comparisons_out: str = COMPARISONS_OUT) -> dict:
+    """Snapshot the store for the next cycle (served prompts, feedback comparisons) as Parquet; return the counts.
+
+    A SQLite store that does not exist yet (no server has run) gives empty snapshots and says so in the counts.
+    """
+    found = store_exists(database_url)
+    prompts = served_prompts(database_url) if found else pd.DataFrame(columns=PROMPT_COLUMNS)
+    comparisons = feedback_comparisons(database_url) if found else empty_comparisons()
+    out = Path(prompts_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    prompts.to_parquet(tmp, index=False)
+    os.replace(tmp, out)
+    write_comparisons(comparisons, comparisons_out)
+    return {"refeed/store_found": int(found), "refeed/served_prompts": len(prompts),
+            "refeed/prompts_with_pii": int((prompts["pii"] != "").sum()) if len(prompts) else 0,
+            "refeed/feedback_comparisons": len(comparisons)}
+
+
+def main() -> int:
+    from rlhf import tracking
+    from rlhf.params import load_params
+
+    database = load_params().serve.database
+    shown = make_url(database).render_as_string(hide_password=True)
+    with tracking.stage_run("refeed", {"serve.database": shown}):
+        metrics = refeed(database)
+        tracking.log_outputs("refeed", {"served_prompts": PROMPTS_OUT, "feedback_comparisons": COMPARISONS_OUT})
+        tracking.write_metrics(METRICS, metrics)
+    note = "" if metrics["refeed/store_found"] else f" (no feedback store at {shown} yet: `rlhf serve` creates it)"
+    print(f"refeed: {metrics['refeed/served_prompts']} served prompts -> {PROMPTS_OUT}, "
+          f"{metrics['refeed/feedback_comparisons']} feedback comparisons -> {COMPARISONS_OUT}{note}")
+    return 0
+
+
+if __name__ == "__main__":
+    from rlhf.cli import run_stage
+
+    run_stage(main)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 
+import pandas as pd
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -120,3 +121,19 @@ def test_feedback_becomes_comparison_rows(store):
 def test_a_missing_store_is_an_error_not_an_empty_refeed(tmp_path):
     with pytest.raises(FileNotFoundError, match="rlhf serve"):
         served_prompts(f"sqlite:///{tmp_path / 'nowhere.db'}")
+
+
+def test_refeed_snapshots_the_store_for_the_next_cycle(store, tmp_path):
+    from rlhf.comparisons import read_comparisons
+    from rlhf.feedback import refeed
+
+    prompts_out, comparisons_out = tmp_path / "out" / "prompts.parquet", tmp_path / "out" / "comparisons.parquet"
+    counts = refeed(store, str(prompts_out), str(comparisons_out))
+    assert counts == {"refeed/store_found": 1, "refeed/served_prompts": 3, "refeed/prompts_with_pii": 1,
+                      "refeed/feedback_comparisons": 2}
+    assert list(pd.read_parquet(prompts_out)["prompt"]) == ["Explain rain to me", "Call me at [PHONE]", "What is 2+2?"]
+    assert set(read_comparisons(comparisons_out)["source"]) == {"feedback:policy/1"}
+
+    nothing = refeed(f"sqlite:///{tmp_path / 'never-served.db'}", str(prompts_out), str(comparisons_out))
+    assert nothing["refeed/store_found"] == 0 and len(pd.read_parquet(prompts_out)) == 0
+    assert not (tmp_path / "never-served.db").exists()  # the snapshot does not create a store
