@@ -42,6 +42,7 @@ def registry(tmp_path_factory, tiny_model_dir):
     second = folder / "second-model"
     build_tiny_model(len(load_tokenizer(tiny_model_dir)), seed=1).save_pretrained(second)
     load_tokenizer(tiny_model_dir).save_pretrained(second)
+    previous = mlflow.get_tracking_uri()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
         mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
@@ -52,6 +53,7 @@ def registry(tmp_path_factory, tiny_model_dir):
                 versions.append(promote.register_checkpoint(str(checkpoint), NAME, "text-generation", {}))
         MlflowClient().set_registered_model_alias(NAME, "champion", versions[0])
         yield folder, versions
+    mlflow.set_tracking_uri(previous)  # later tests find MLflow as they would without this module
 
 
 @pytest.fixture
