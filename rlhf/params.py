@@ -123,7 +123,7 @@ class PpoParams:
     max_grad_norm: float = _f(1.0, "gradient-norm clip", "must be > 0", _positive)
     no_eos_penalty: float = _f(1.0, "subtracted from the normalised RM score of a response that reaches max_new_tokens without EOS", "must be >= 0", _non_negative)
     checkpoint_every: int = _f(10, "iterations between checkpoints under checkpoints/ppo (a restarted stage resumes from the last)", "must be >= 1", _positive)
-    eval_prompts: int = _f(48, "held-out prompts (test split) scored before and after PPO", "must be >= 1", _positive)
+    eval_responses: int = _f(48, "responses sampled on held-out prompts (the test split's, in turn) by the SFT and the PPO policy to compare their RM scores", "must be >= 1", _positive)
     seed: int = _f(0, "seed for prompt order, sampling and initialisation")
 
     @property

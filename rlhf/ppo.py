@@ -26,11 +26,10 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -418,20 +417,117 @@ def check_sizes(params: PpoParams, n_train: int, n_eval: int) -> None:
         )
 
 
+@dataclass
+class Models:
+    """What every iteration uses: the trained policy and value model, the frozen reference and reward model."""
+    accelerator: Accelerator
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None  # None with LoRA: the policy with its adapter disabled
+    value_model: torch.nn.Module
+    reward_model: torch.nn.Module
+    reward_stats: dict  # {"mean", "std"} of the RM over its training responses
+    tokenizer: object
+    suffix: list[int]  # template tokens after an assistant reply's EOS
+
+    def normalised(self, raw_score: torch.Tensor) -> torch.Tensor:
+        # the RM score in standard deviations of its training rewards: (R − mean) / std
+        return (raw_score - self.reward_stats["mean"]) / self.reward_stats["std"]
+
+    def values(self, hidden, query, query_mask, responses, response_mask) -> torch.Tensor:
+        if isinstance(self.value_model, torch.nn.Linear):  # a head on the policy's hidden state
+            return self.value_model(hidden.float()).squeeze(-1)
+        return value_forward(self.value_model, query, query_mask, responses, response_mask)
+
+
+def encode_queries(models: Models, prompts: list[str], max_prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = [encode_prompt(models.tokenizer, p, max_prompt_len) for p in prompts]
+    query, query_mask = pad_left(ids, models.tokenizer.pad_token_id)
+    return query.to(models.accelerator.device), query_mask.to(models.accelerator.device)
+
+
+@torch.no_grad()
+def rollout(models: Models, params: PpoParams, prompts: list[str]) -> dict:
+    """Sample one response per prompt and everything PPO holds fixed while it updates on them."""
+    acc, tok = models.accelerator, models.tokenizer
+    query, query_mask = encode_queries(models, prompts, params.max_prompt_len)
+    models.policy.eval()
+    tic = time.perf_counter()
+    with acc.autocast():
+        responses, mask, ended = sample_responses(acc.unwrap_model(models.policy), query, query_mask,
+                                                  params.max_new_tokens, params.temperature, tok.eos_token_id,
+                                                  tok.pad_token_id)
+        generation_seconds = time.perf_counter() - tic
+        with_hidden = params.value_model == "head"
+        logits, hidden = policy_forward(models.policy, query, query_mask, responses, mask, params.temperature, with_hidden)
+        batch = {
+            "query": query, "query_mask": query_mask, "responses": responses, "mask": mask, "ended": ended,
+            "logp_old": token_logprobs(logits, responses),
+            "entropy": float(entropy_bonus(logits, mask)),
+            "values_old": models.values(hidden, query, query_mask, responses, mask).float(),
+            "logp_ref": reference_logprobs(acc, models.policy, models.reference, query, query_mask, responses, mask,
+                                           params.temperature),
+            "raw_score": score_responses(models.reward_model, query, query_mask, responses, mask, ended,
+                                         models.suffix, tok.pad_token_id),
+            "generation_seconds": generation_seconds,
+        }
+    models.policy.train()
+    return batch
+
+
+def ppo_update(models: Models, params: PpoParams, optimizer, scheduler, trainable: list, batch: dict,
+               advantages: torch.Tensor, returns: torch.Tensor) -> dict:
+    """`ppo_epochs` passes of minibatch steps on L = L_clip + c_V·L_V − c_H·H; the mean of each term."""
+    acc = models.accelerator
+    maskf = batch["mask"].float()
+    sums = dict.fromkeys(("loss/policy", "loss/value", "loss/entropy", "loss/total", "policy/clip_fraction",
+                          "policy/approx_kl", "value/clip_fraction"), 0.0)
+    steps = 0
+    for _epoch in range(params.ppo_epochs):
+        order = torch.randperm(params.batch_size)
+        for start in range(0, params.batch_size, params.minibatch_size):
+            idx = order[start:start + params.minibatch_size].to(acc.device)
+            q, qm, r, m = batch["query"][idx], batch["query_mask"][idx], batch["responses"][idx], maskf[idx]
+            logp_old, values_old = batch["logp_old"][idx], batch["values_old"][idx]
+            with acc.autocast():
+                logits, hidden = policy_forward(models.policy, q, qm, r, batch["mask"][idx], params.temperature,
+                                                params.value_model == "head")
+                logp = token_logprobs(logits, r)
+                values = models.values(hidden, q, qm, r, batch["mask"][idx]).float()
+                loss_pg = clipped_policy_loss(logp, logp_old, advantages[idx], params.clip_eps, m)
+                loss_v = value_loss(values, values_old, returns[idx], params.value_clip, m)
+                entropy = entropy_bonus(logits, m)
+                loss = loss_pg + params.vf_coef * loss_v - params.entropy_coef * entropy
+            acc.backward(loss)
+            acc.clip_grad_norm_(trainable, params.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for key, value in (("loss/policy", loss_pg), ("loss/value", loss_v), ("loss/entropy", entropy),
+                                   ("loss/total", loss),
+                                   ("policy/clip_fraction", clip_fraction(logp, logp_old, params.clip_eps, m)),
+                                   ("policy/approx_kl", approx_kl(logp, logp_old, m)),
+                                   ("value/clip_fraction",
+                                    masked_mean(((values - values_old).abs() > params.value_clip).float(), m))):
+                    sums[key] += float(value)
+            steps += 1
+    return {k: v / steps for k, v in sums.items()}
+
+
 def train(params: PpoParams, precision: str, sft_dir: str | Path, reward_dir: str | Path, train_prompts: list[str],
-          eval_prompts: list[str], out_dir: str | Path, checkpoint_dir: str | Path, run_fingerprint: str = "") -> dict:
-    """Run PPO (resuming from `checkpoint_dir` when it holds a matching checkpoint); save the policy; return metrics."""
-    check_sizes(params, len(train_prompts), len(eval_prompts))
+          heldout_prompts: list[str], out_dir: str | Path, checkpoint_dir: str | Path, run_fingerprint: str = "") -> dict:
+    """Run PPO (resuming from `checkpoint_dir` when it holds a matching checkpoint); save the policy; return metrics.
+
+    `heldout_prompts` (the test split's) are taken in turn until `params.eval_responses` for the before/after comparison.
+    """
+    check_sizes(params, len(train_prompts), len(heldout_prompts))
     set_seed(params.seed)
     dtype = resolve_precision(precision)
     accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
-    device = accelerator.device
     tokenizer = load_tokenizer(sft_dir)
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    suffix = reply_suffix(tokenizer)
 
     policy, reference = build_policy(str(sft_dir), dtype, params)
-    reward_model, stats = load_reward_model(reward_dir, dtype)
+    reward_model, reward_stats = load_reward_model(reward_dir, dtype)
     reward_model.eval().requires_grad_(False)
     value_model = build_value_model(params, str(reward_dir), dtype, policy.config.hidden_size)
     trainable = list(_trainable(policy).values()) + list(_trainable(value_model).values())
@@ -439,9 +535,11 @@ def train(params: PpoParams, precision: str, sft_dir: str | Path, reward_dir: st
     updates_per_iteration = params.ppo_epochs * (params.batch_size // params.minibatch_size)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, params.iterations * updates_per_iteration)
     policy, value_model, optimizer, scheduler = accelerator.prepare(policy, value_model, optimizer, scheduler)
-    reward_model.to(device)
-    if reference is not None:
-        reference.to(device)
+    for frozen in (reward_model, reference):
+        if frozen is not None:
+            frozen.to(accelerator.device)
+    models = Models(accelerator, policy, reference, value_model, reward_model, reward_stats, tokenizer,
+                    reply_suffix(tokenizer))
     n_trainable, n_total = count_parameters(policy)
     sampler = PromptSampler(train_prompts, params.seed)
     beta, start, curve = params.kl_coef, 0, []
@@ -450,11 +548,11 @@ def train(params: PpoParams, precision: str, sft_dir: str | Path, reward_dir: st
     state = load_latest_state(checkpoint_dir, run_fingerprint)
     if state is not None:
         for module, key in ((policy, "policy"), (value_model, "value")):
-            params_now = _trainable(module)
-            if set(params_now) != set(state[key]):
+            weights = _trainable(module)
+            if set(weights) != set(state[key]):
                 raise RuntimeError(f"{checkpoint_dir}: the checkpoint's {key} weights do not match the model built now")
             with torch.no_grad():
-                for name, p in params_now.items():
+                for name, p in weights.items():
                     p.copy_(state[key][name])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -466,99 +564,43 @@ def train(params: PpoParams, precision: str, sft_dir: str | Path, reward_dir: st
             for row in curve:
                 _log({k: v for k, v in row.items() if k != "iteration"}, step=row["iteration"])
 
-    def values_of(hidden, query, query_mask, responses, response_mask):
-        if params.value_model == "head":
-            return value_model(hidden.float()).squeeze(-1)
-        return value_forward(value_model, query, query_mask, responses, response_mask)
-
     progress = tqdm(total=params.iterations, initial=start, desc="ppo", disable=not accelerator.is_main_process)
     for iteration in range(start + 1, params.iterations + 1):
         tic = time.perf_counter()
-        prompts = sampler.next_batch(params.batch_size)
-        query, query_mask = (t.to(device) for t in pad_left([encode_prompt(tokenizer, p, params.max_prompt_len)
-                                                              for p in prompts], pad_id))
-        # --- rollout: sample, score, and everything PPO holds fixed during the update
-        policy.eval()
-        with torch.no_grad(), accelerator.autocast():
-            responses, mask, ended = sample_responses(accelerator.unwrap_model(policy), query, query_mask,
-                                                      params.max_new_tokens, params.temperature, eos_id, pad_id)
-            generated_at = time.perf_counter()
-            logits, hidden = policy_forward(policy, query, query_mask, responses, mask, params.temperature,
-                                            params.value_model == "head")
-            logp_old = token_logprobs(logits, responses)
-            entropy = entropy_bonus(logits, mask)
-            values_old = values_of(hidden, query, query_mask, responses, mask).float()
-            logp_ref = reference_logprobs(accelerator, policy, reference, query, query_mask, responses, mask,
-                                          params.temperature)
-            raw_score = score_responses(reward_model, query, query_mask, responses, mask, ended, suffix, pad_id)
-            del logits, hidden
-        maskf = mask.float()
-        score = (raw_score - stats["mean"]) / stats["std"] - params.no_eos_penalty * (~ended).float()
-        token_r = token_rewards(score, logp_old, logp_ref, beta, maskf)
-        advantages, returns = gae(token_r, values_old, maskf, params.gamma, params.lam)
-        advantages = whiten(advantages, maskf)
-        kl_per_response = ((logp_old - logp_ref) * maskf).sum(dim=1)
+        batch = rollout(models, params, sampler.next_batch(params.batch_size))
+        mask = batch["mask"].float()
+        rm_score = models.normalised(batch["raw_score"])
+        score = rm_score - params.no_eos_penalty * (~batch["ended"]).float()
+        rewards = token_rewards(score, batch["logp_old"], batch["logp_ref"], beta, mask)
+        advantages, returns = gae(rewards, batch["values_old"], mask, params.gamma, params.lam)
+        losses = ppo_update(models, params, optimizer, scheduler, trainable, batch, whiten(advantages, mask), returns)
 
-        # --- update: ppo_epochs passes of minibatches over the batch
-        policy.train()
-        stats_sum = {"loss/policy": 0.0, "loss/value": 0.0, "loss/entropy": 0.0, "loss/total": 0.0,
-                     "policy/clip_fraction": 0.0, "policy/approx_kl": 0.0, "value/clip_fraction": 0.0}
-        for _epoch in range(params.ppo_epochs):
-            order = torch.randperm(params.batch_size)
-            for start_mb in range(0, params.batch_size, params.minibatch_size):
-                idx = order[start_mb:start_mb + params.minibatch_size].to(device)
-                q, qm, r, m = query[idx], query_mask[idx], responses[idx], maskf[idx]
-                with accelerator.autocast():
-                    logits, hidden = policy_forward(policy, q, qm, r, mask[idx], params.temperature,
-                                                    params.value_model == "head")
-                    logp = token_logprobs(logits, r)
-                    values = values_of(hidden, q, qm, r, mask[idx]).float()
-                    loss_pg = clipped_policy_loss(logp, logp_old[idx], advantages[idx], params.clip_eps, m)
-                    loss_v = value_loss(values, values_old[idx], returns[idx], params.value_clip, m)
-                    entropy_mb = entropy_bonus(logits, m)
-                    loss = loss_pg + params.vf_coef * loss_v - params.entropy_coef * entropy_mb
-                accelerator.backward(loss)
-                accelerator.clip_grad_norm_(trainable, params.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    stats_sum["loss/policy"] += float(loss_pg)
-                    stats_sum["loss/value"] += float(loss_v)
-                    stats_sum["loss/entropy"] += float(entropy_mb)
-                    stats_sum["loss/total"] += float(loss)
-                    stats_sum["policy/clip_fraction"] += float(clip_fraction(logp, logp_old[idx], params.clip_eps, m))
-                    stats_sum["policy/approx_kl"] += float(approx_kl(logp, logp_old[idx], m))
-                    stats_sum["value/clip_fraction"] += float(masked_mean(
-                        ((values - values_old[idx]).abs() > params.value_clip).float(), m))
-                del logits, hidden
-
-        mean_kl = float(kl_per_response.mean())
+        kl = float(((batch["logp_old"] - batch["logp_ref"]) * mask).sum(dim=1).mean())  # nats per response
         elapsed = time.perf_counter() - tic
         n_tokens = int(mask.sum())
         row = {
             "iteration": iteration,
-            "objective/rm_score": float(((raw_score - stats["mean"]) / stats["std"]).mean()),
+            "objective/rm_score": float(rm_score.mean()),
             "objective/score": float(score.mean()),
-            "objective/kl": mean_kl,
+            "objective/kl": kl,
             "objective/kl_coef": beta,
-            "objective/entropy": float(entropy),
-            "objective/non_score_reward": float((token_r.sum(dim=1) - score).mean()),
-            **{k: v / updates_per_iteration for k, v in stats_sum.items()},
-            "value/explained_variance": explained_variance(values_old, returns, maskf),
-            "value/mean": float(masked_mean(values_old, maskf)),
-            "response/length": float(mask.sum(dim=1).float().mean()),
-            "response/no_eos_fraction": float((~ended).float().mean()),
+            "objective/entropy": batch["entropy"],
+            "objective/non_score_reward": float((rewards.sum(dim=1) - score).mean()),
+            **losses,
+            "value/explained_variance": explained_variance(batch["values_old"], returns, mask),
+            "value/mean": float(masked_mean(batch["values_old"], mask)),
+            "response/length": float(mask.sum(dim=1).mean()),
+            "response/no_eos_fraction": float((~batch["ended"]).float().mean()),
             "perf/tokens_per_s": n_tokens / elapsed,
-            "perf/generation_tokens_per_s": n_tokens / (generated_at - tic),
+            "perf/generation_tokens_per_s": n_tokens / batch["generation_seconds"],
             "perf/iteration_seconds": elapsed,
             "lr": scheduler.get_last_lr()[0],
         }
         curve.append({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()})
         if accelerator.is_main_process:
             _log({k: v for k, v in row.items() if k != "iteration"}, step=iteration)
-        beta = adaptive_kl_coef(beta, mean_kl, params.kl_target, params.kl_horizon, params.batch_size)
-        progress.set_postfix(rm=f"{row['objective/rm_score']:.2f}", kl=f"{mean_kl:.2f}", tok_s=f"{n_tokens / elapsed:.0f}")
+        beta = adaptive_kl_coef(beta, kl, params.kl_target, params.kl_horizon, params.batch_size)
+        progress.set_postfix(rm=f"{row['objective/rm_score']:.2f}", kl=f"{kl:.2f}", tok_s=f"{n_tokens / elapsed:.0f}")
         progress.update(1)
         if accelerator.is_main_process and (iteration % params.checkpoint_every == 0 or iteration == params.iterations):
             save_state(checkpoint_dir, {
@@ -570,8 +612,7 @@ def train(params: PpoParams, precision: str, sft_dir: str | Path, reward_dir: st
             })
     progress.close()
 
-    # --- held-out prompts: the SFT policy (reference) against the trained policy, same seed
-    evaluation = evaluate(params, accelerator, policy, reference, reward_model, stats, tokenizer, eval_prompts, suffix)
+    evaluation = evaluate(models, params, [heldout_prompts[i % len(heldout_prompts)] for i in range(params.eval_responses)])
     metrics = {
         "ppo/iterations": params.iterations,
         "ppo/resumed_from": start,
@@ -593,52 +634,53 @@ def train(params: PpoParams, precision: str, sft_dir: str | Path, reward_dir: st
 
 
 @torch.no_grad()
-def evaluate(params: PpoParams, accelerator, policy, reference, reward_model, stats: dict, tokenizer,
-             prompts: list[str], suffix: list[int]) -> dict:
-    """Mean RM score (RM std units), KL per response, length and EOS rate on held-out prompts, before and after."""
-    device, eos_id, pad_id = accelerator.device, tokenizer.eos_token_id, tokenizer.pad_token_id
-    unwrapped = accelerator.unwrap_model(policy)
+def evaluate(models: Models, params: PpoParams, prompts: list[str]) -> dict:
+    """Held-out prompts, SFT policy (the reference) against the trained policy, drawing the same random stream:
+    mean RM score (RM std units), KL per response, length and EOS rate."""
+    acc, tok = models.accelerator, models.tokenizer
+    policy = acc.unwrap_model(models.policy)
     policy.eval()
     results = {}
     for when in ("before", "after"):
-        torch.manual_seed(params.seed + 1)  # both policies draw with the same random stream
+        torch.manual_seed(params.seed + 1)
         scores, kls, lengths, ended_all, texts = [], [], [], [], []
         for s in range(0, len(prompts), params.batch_size):
-            query, query_mask = (t.to(device) for t in pad_left(
-                [encode_prompt(tokenizer, p, params.max_prompt_len) for p in prompts[s:s + params.batch_size]], pad_id))
+            query, query_mask = encode_queries(models, prompts[s:s + params.batch_size], params.max_prompt_len)
             if when == "before":  # the SFT policy: the frozen copy, or the LoRA policy with its adapter off
-                model = reference if reference is not None else unwrapped
-                context = unwrapped.disable_adapter() if reference is None else contextlib.nullcontext()
+                model = models.reference if models.reference is not None else policy
+                context = policy.disable_adapter() if models.reference is None else contextlib.nullcontext()
             else:
-                model, context = unwrapped, contextlib.nullcontext()
-            with accelerator.autocast():
+                model, context = policy, contextlib.nullcontext()
+            with acc.autocast():
                 with context:
                     responses, mask, ended = sample_responses(model, query, query_mask, params.max_new_tokens,
-                                                              params.temperature, eos_id, pad_id)
-                raw = score_responses(reward_model, query, query_mask, responses, mask, ended, suffix, pad_id)
+                                                              params.temperature, tok.eos_token_id, tok.pad_token_id)
+                raw = score_responses(models.reward_model, query, query_mask, responses, mask, ended, models.suffix,
+                                      tok.pad_token_id)
                 if when == "after":  # the SFT policy's KL to itself is 0
                     logp = token_logprobs(policy_forward(policy, query, query_mask, responses, mask,
                                                          params.temperature, False)[0], responses)
-                    logp_ref = reference_logprobs(accelerator, policy, reference, query, query_mask, responses, mask,
+                    logp_ref = reference_logprobs(acc, policy, models.reference, query, query_mask, responses, mask,
                                                   params.temperature)
                     kls.append(((logp - logp_ref) * mask).sum(dim=1).float().cpu())
-            scores.append(((raw - stats["mean"]) / stats["std"]).cpu())
+            scores.append(models.normalised(raw).cpu())
             lengths.append(mask.sum(dim=1).float().cpu())
             ended_all.append(ended.cpu())
-            texts += [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses, mask)]
+            texts += [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses, mask)]
         results[when] = {"score": torch.cat(scores), "length": torch.cat(lengths), "ended": torch.cat(ended_all),
                          "kl": torch.cat(kls) if kls else torch.zeros(len(prompts)), "texts": texts}
     before, after = results["before"], results["after"]
     metrics = {
-        "eval/prompts": len(prompts),
-        "eval/rm_score_before": round(float(before["score"].mean()), 4),
-        "eval/rm_score_after": round(float(after["score"].mean()), 4),
-        "eval/rm_score_gain": round(float(after["score"].mean() - before["score"].mean()), 4),
-        "eval/kl_per_response": round(float(after["kl"].mean()), 4),
-        "eval/response_length_before": round(float(before["length"].mean()), 2),
-        "eval/response_length_after": round(float(after["length"].mean()), 2),
-        "eval/no_eos_fraction_before": round(float((~before["ended"]).float().mean()), 4),
-        "eval/no_eos_fraction_after": round(float((~after["ended"]).float().mean()), 4),
+        "ppo/heldout_prompts": len(set(prompts)),
+        "ppo/heldout_responses": len(prompts),
+        "ppo/heldout_rm_score_before": round(float(before["score"].mean()), 4),
+        "ppo/heldout_rm_score_after": round(float(after["score"].mean()), 4),
+        "ppo/heldout_rm_score_gain": round(float(after["score"].mean() - before["score"].mean()), 4),
+        "ppo/heldout_kl_per_response": round(float(after["kl"].mean()), 4),
+        "ppo/heldout_response_length_before": round(float(before["length"].mean()), 2),
+        "ppo/heldout_response_length_after": round(float(after["length"].mean()), 2),
+        "ppo/heldout_no_eos_fraction_before": round(float((~before["ended"]).float().mean()), 4),
+        "ppo/heldout_no_eos_fraction_after": round(float((~after["ended"]).float().mean()), 4),
     }
     samples = [{"prompt": prompts[i], "before": before["texts"][i], "before_score": round(float(before["score"][i]), 3),
                 "after": after["texts"][i], "after_score": round(float(after["score"][i]), 3)}
@@ -664,10 +706,10 @@ def held_out_prompts(train_prompts: list[str], n: int, seed: int) -> tuple[list[
 def main() -> int:
     params = load_params()
     p = params.ppo
-    train_prompts, eval_prompts = held_out_prompts(load_train_prompts(p.prompts), p.eval_prompts, p.seed)
+    train_prompts, heldout = held_out_prompts(load_train_prompts(p.prompts), p.eval_responses, p.seed)
     inputs = [SFT_DIR, REWARD_DIR, TEST_COMPARISONS, TRAIN_COMPARISONS if p.prompts == "comparisons" else p.prompts]
     with tracking.stage_run("ppo", {"ppo": params.section("ppo"), "model.precision": params.model.precision}):
-        result = train(p, params.model.precision, SFT_DIR, REWARD_DIR, train_prompts, eval_prompts, OUT_DIR,
+        result = train(p, params.model.precision, SFT_DIR, REWARD_DIR, train_prompts, heldout, OUT_DIR,
                        CHECKPOINT_DIR, fingerprint(p, params.model.precision, inputs))
         tracking.log_outputs("ppo", {"ppo": OUT_DIR})
         tracking.write_plot(PLOT, result["curve"])
@@ -680,8 +722,9 @@ def main() -> int:
     for s in result["samples"]:
         print(f"\nprompt: {s['prompt']}\n  before ({s['before_score']:+.2f}): {s['before']}\n"
               f"  after  ({s['after_score']:+.2f}): {s['after']}")
-    print(f"\nppo: held-out RM score {m['eval/rm_score_before']:+.3f} -> {m['eval/rm_score_after']:+.3f} "
-          f"(RM std units, {m['eval/prompts']} prompts), KL {m['eval/kl_per_response']:.2f} nats per response; wrote {OUT_DIR}")
+    print(f"\nppo: held-out RM score {m['ppo/heldout_rm_score_before']:+.3f} -> {m['ppo/heldout_rm_score_after']:+.3f} "
+          f"(RM std units; {m['ppo/heldout_responses']} responses to {m['ppo/heldout_prompts']} prompts), "
+          f"KL {m['ppo/heldout_kl_per_response']:.2f} nats per response; wrote {OUT_DIR}")
     return 0
 
 

@@ -81,7 +81,7 @@ TINY_PARAMS = {
             "learning_rate": 0.003, "lora_r": 0, "val_fraction": 0.1},
     "reward_model": {"batch_size": 2, "max_seq_len": 64, "eval_every": 2, "learning_rate": 0.003, "lora_r": 0},
     "ppo": {"iterations": 2, "batch_size": 2, "minibatch_size": 1, "ppo_epochs": 1, "max_new_tokens": 6,
-            "max_prompt_len": 64, "checkpoint_every": 1, "eval_prompts": 2, "lora_r": 4, "lora_alpha": 8},
+            "max_prompt_len": 64, "checkpoint_every": 1, "eval_responses": 2, "lora_r": 4, "lora_alpha": 8},
 }
 
 

@@ -31,7 +31,7 @@ def one_thread():
 
 
 TINY = dict(iterations=6, batch_size=4, minibatch_size=2, ppo_epochs=2, max_new_tokens=6, max_prompt_len=64,
-            checkpoint_every=2, eval_prompts=2, learning_rate=1e-2, lora_r=4, lora_alpha=8, seed=3)
+            checkpoint_every=2, eval_responses=3, learning_rate=1e-2, lora_r=4, lora_alpha=8, seed=3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,7 +240,9 @@ def test_reference_is_the_sft_model_while_the_policy_moves(tiny_model_dir, tiny_
     from rlhf.models import load_causal_lm
 
     result = run_ppo(tmp_path, tiny_model_dir, tiny_reward_dir, "run", iterations=2)
-    assert result["metrics"]["eval/kl_per_response"] != 0  # the policy moved away from the reference
+    assert result["metrics"]["ppo/heldout_kl_per_response"] != 0  # the policy moved away from the reference
+    # the two held-out prompts are taken in turn until eval_responses
+    assert result["metrics"]["ppo/heldout_prompts"] == 2 and result["metrics"]["ppo/heldout_responses"] == 3
     trained = load_causal_lm(tmp_path / "run" / "out")
     sft = load_causal_lm(tiny_model_dir)
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), sft.parameters()))
