@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from rlhf.comparisons import to_table
 from rlhf.feedback import Feedback, ServedChoice, ServedCompletion, feedback_comparisons, scrub, served_prompts
 from rlhf.labeling.db import Base, make_engine, upgrade_database
+from tests.labeling.test_databases import database_url, postgres_server  # noqa: F401  (fixtures: SQLite and PostgreSQL)
 
 
 @pytest.mark.parametrize("text, clean, kinds", [
@@ -68,8 +69,9 @@ def rate(db: Session, cid: str, minutes: int, **fields) -> None:
 
 
 @pytest.fixture
-def store(tmp_path):
-    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+def store(database_url):
+    """The same served traffic and feedback in a SQLite file and, where PostgreSQL is installed, on a real server."""
+    url = database_url
     engine = make_engine(url)
     upgrade_database(engine)
     with Session(engine) as db:
