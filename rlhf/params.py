@@ -19,6 +19,7 @@ import yaml
 PARAMS_FILE = "params.yaml"
 EMBEDDED_POLICY = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_DEMONSTRATIONS = "embedded:demonstrations"
+EMBEDDED_PROMPTS = "embedded:prompts"
 
 
 class ParamError(ValueError):
@@ -74,6 +75,48 @@ class SftParams:
     @property
     def uses_lora(self) -> bool:
         return self.lora_r > 0
+
+
+@dataclass(frozen=True)
+class CollectParams:
+    sources: list[Literal["policy", "import"]] = _f(("policy",), "where comparisons come from, mixed: 'policy' (two samples per prompt, AI-judged) and/or 'import' (a preference data set)", "must name at least one source, each once", lambda v: len(v) >= 1 and len(set(v)) == len(v))
+    prompts: str = _f(EMBEDDED_PROMPTS, "prompt pool: 'embedded:prompts', a local .jsonl/.parquet file, or a hub dataset id")
+    prompt_field: str = _f("prompt", "column of the pool holding the prompt")
+    num_prompts: int = _f(96, "prompts drawn from the pool (seeded); 0 takes them all", "must be >= 0", _non_negative)
+    policy: str = _f("models/base", "checkpoint folder that samples the pairs (models/base is model.policy as prepared)")
+    temperature: float = _f(0.9, "sampling temperature", "must be > 0; 0.7 to 1.0 is usual", _positive)
+    top_p: float = _f(0.95, "nucleus sampling: keep the smallest token set with this much probability", "must lie in (0, 1]", lambda v: 0 < v <= 1)
+    max_new_tokens: int = _f(96, "longest sampled response in tokens", "must be >= 1", _positive)
+    batch_size: int = _f(16, "prompts per generate call (two samples each), and pairs per judge forward pass (both orders)", "must be >= 1", _positive)
+    resample_identical: int = _f(2, "extra sampling rounds for pairs whose two responses are identical; a pair still identical is dropped and counted", "must be >= 0", _non_negative)
+    judge: Literal["transformers", "http"] = _f("transformers", "'transformers': a causal LM judged by its verdict-token log-probabilities; 'http': an OpenAI-compatible server (vLLM, llama.cpp)")
+    judge_model: str = _f(EMBEDDED_POLICY, "the judge: for 'transformers' a model named as in model.policy (the same name reuses models/base); for 'http' the model name the server serves")
+    judge_url: str = _f("", "base URL of the OpenAI-compatible server when judge is 'http', e.g. http://localhost:8000/v1")
+    judge_max_chars: int = _f(1000, "characters the judge sees of the prompt (its end) and of each response (its start)", "must be >= 50", lambda v: v >= 50)
+    judge_tie_margin: float = _f(0.05, "|log p(A) − log p(B)| (nats, after de-biasing) up to which one order's verdict is a tie", "must be >= 0", _non_negative)
+    judge_debias: bool = _f(True, "subtract the judge's median preference for the first position (both orders, all pairs of the run) before reading each verdict")
+    judge_rubric: bool = _f(False, "add prompt relevance (all-MiniLM-L6-v2) and non-toxicity (alt-profanity-check) of each response to the verdict")
+    rubric_relevance_weight: float = _f(2.0, "log-odds added per unit of cosine-relevance difference when judge_rubric is on", "must be >= 0", _non_negative)
+    rubric_toxicity_weight: float = _f(2.0, "log-odds taken off per unit of toxicity-probability difference when judge_rubric is on", "must be >= 0", _non_negative)
+    import_data: str = _f("", "preference set to import: a .jsonl/.jsonl.gz/.parquet file, a folder of them, or a hub dataset id")
+    import_format: Literal["hh-rlhf", "pairs", "comparisons"] = _f("hh-rlhf", "'hh-rlhf': Anthropic chosen/rejected transcripts; 'pairs': prompt/chosen/rejected columns; 'comparisons': rows already in the comparison schema")
+    import_prompt_field: str = _f("prompt", "column holding the prompt ('pairs')")
+    import_chosen_field: str = _f("chosen", "column holding the preferred response ('pairs') or transcript ('hh-rlhf')")
+    import_rejected_field: str = _f("rejected", "column holding the other response ('pairs') or transcript ('hh-rlhf')")
+    import_limit: int = _f(0, "at most this many imported pairs, a seeded sample; 0 takes them all", "must be >= 0", _non_negative)
+    hub_split: str = _f("train", "split read when the prompt pool or the import is a hub dataset")
+    seed: int = _f(0, "seed for the prompt draw, sampling, and the order of imported pairs")
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    max_tokens: int = _f(1024, "longest prompt + longer response, in tokens of models/base's tokenizer with the chat template", "must be >= 16", lambda v: v >= 16)
+    min_votes: int = _f(3, "votes a human-labelled row needs", "must be >= 1", _positive)
+    near_duplicate_threshold: float = _f(0.95, "all-MiniLM-L6-v2 cosine above which a held-out prompt counts as a copy of a training prompt", "must lie in (0, 1]", lambda v: 0 < v <= 1)
+    position_balance_tolerance: float = _f(0.1, "how far the share of 'a' among a/b labels may stray from 0.5 (small sets get the wider binomial 99.9% band)", "must lie in (0, 0.5)", lambda v: 0 < v < 0.5)
+    val_fraction: float = _f(0.1, "share of prompts (with all their pairs) in the validation split", "must lie in (0, 1), and val_fraction + test_fraction below 1", _fraction)
+    test_fraction: float = _f(0.1, "share of prompts (with all their pairs) in the test split", "must lie in (0, 1), and val_fraction + test_fraction below 1", _fraction)
+    seed: int = _f(0, "seed of the prompt-hash split")
 
 
 @dataclass(frozen=True)
@@ -161,6 +204,8 @@ class ServeParams:
 @dataclass(frozen=True)
 class Params:
     model: ModelParams
+    collect: CollectParams
+    validate: ValidateParams
     sft: SftParams
     reward_model: RewardModelParams
     ppo: PpoParams
@@ -234,7 +279,8 @@ def _build_section(cls: type, name: str, raw: Any, source: str):
     return cls(**values)
 
 
-SECTIONS = {"model": ModelParams, "sft": SftParams, "reward_model": RewardModelParams, "ppo": PpoParams,
+SECTIONS = {"model": ModelParams, "collect": CollectParams, "validate": ValidateParams, "sft": SftParams,
+            "reward_model": RewardModelParams, "ppo": PpoParams,
             "promote": PromoteParams, "serve": ServeParams}
 
 
