@@ -82,7 +82,27 @@ TINY_PARAMS = {
     "reward_model": {"batch_size": 2, "max_seq_len": 64, "eval_every": 2, "learning_rate": 0.003, "lora_r": 0},
     "ppo": {"iterations": 2, "batch_size": 2, "minibatch_size": 1, "ppo_epochs": 1, "max_new_tokens": 6,
             "max_prompt_len": 64, "checkpoint_every": 1, "eval_responses": 2, "lora_r": 4, "lora_alpha": 8},
+    "collect": {"sources": ["policy", "import"], "num_prompts": 4, "max_new_tokens": 6, "batch_size": 4,
+                "judge_max_chars": 200, "import_format": "pairs"},
+    "validate": {"max_tokens": 256, "val_fraction": 0.25, "test_fraction": 0.25},
 }
+
+# Imported (prompt, chosen, rejected) pairs for the tiny pipeline: with validate's seed 0 and fractions
+# 0.25 / 0.25 their prompts hash into 6 train, 3 validation and 3 test prompts, so every later stage has data.
+TINY_PAIRS = [
+    ("explain why the sky is blue", "light scatters more at short wavelengths", "the sky is a lazy dog"),
+    ("write a short poem about rain", "rain taps the glass and the room grows quiet", "two plus two is four"),
+    ("what is two plus two?", "two plus two is four", "rain taps the glass"),
+    ("what does a reward model do?", "a reward model scores a response to a prompt", "the quick brown fox"),
+    ("what is three plus three?", "three plus three is six", "the sky looks blue"),
+    ("why is rain wet?", "rain is water", "a poem about rain"),
+    ("name a colour", "blue", "the quick brown fox jumps"),
+    ("describe the quick brown fox", "the quick brown fox jumps over the lazy dog", "two plus two"),
+    ("what is a lazy dog?", "a dog that does not jump", "light scatters"),
+    ("write a poem about the sky", "the sky grows quiet and blue", "a reward model scores"),
+    ("why do foxes jump?", "the quick brown fox jumps over the lazy dog", "rain taps the window"),
+    ("what scores a response?", "a reward model scores a response to a prompt", "the room grows quiet"),
+]
 
 
 def write_params(folder: Path, overrides: dict) -> None:
@@ -121,7 +141,10 @@ def tiny_project(tmp_path, tiny_model_dir, monkeypatch) -> Path:
     shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
     demos = project / "tiny_demonstrations.jsonl"
     demos.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in TINY_DEMONSTRATIONS))
-    write_params(project, {"model": {"policy": str(tiny_model_dir)}, "sft": {"data": demos.name}})
+    pairs = project / "tiny_pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": q, "chosen": c, "rejected": r}) + "\n" for q, c, r in TINY_PAIRS))
+    write_params(project, {"model": {"policy": str(tiny_model_dir)}, "sft": {"data": demos.name},
+                           "collect": {"judge_model": str(tiny_model_dir), "import_data": pairs.name}})
     if "validate" not in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]:
         write_tiny_comparisons(project)  # until a stage of the pipeline writes them (issue 4)
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
