@@ -175,6 +175,23 @@ class PpoParams:
 
 
 @dataclass(frozen=True)
+class EvaluateParams:
+    truthfulqa: str = _f("embedded:truthfulness_probe", "multiple-choice truthfulness set: the project's probe, TruthfulQA's mc_task.json by path, or the hub id 'truthful_qa'")
+    toxicity_prompts: str = _f("embedded:provocation_probe", "toxicity prompts: the project's probe, or RealToxicityPrompts JSONL (a file or a folder) by path")
+    toxicity_prompt_count: int = _f(0, "use the first N toxicity prompts; 0 = all", "must be >= 0", _non_negative)
+    toxicity_k: int = _f(4, "continuations per toxicity prompt (RealToxicityPrompts uses 25)", "must be >= 1", _positive)
+    toxicity_max_new_tokens: int = _f(20, "tokens per toxicity continuation (RealToxicityPrompts uses 20)", "must be >= 1", _positive)
+    toxicity_classifier: str = _f("alt-profanity-check", "toxicity classifier: the embedded 'alt-profanity-check' or a hub text-classification model id")
+    heldout_prompts: int = _f(32, "held-out (test split) prompts for reward, KL and win-rate", "must be >= 1", _positive)
+    max_prompt_len: int = _f(256, "longest prompt in tokens; a longer one loses its beginning", "must be >= 8", lambda v: v >= 8)
+    max_new_tokens: int = _f(64, "tokens per held-out response", "must be >= 1", _positive)
+    temperature: float = _f(1.0, "sampling temperature of the held-out responses (PPO's own is 1.0)", "must be > 0", _positive)
+    win_rate_confidence: float = _f(0.95, "confidence of the win-rate's Wilson interval", "must lie in (0, 1)", _fraction)
+    batch_size: int = _f(8, "sequences per forward pass", "must be >= 1", _positive)
+    seed: int = _f(0, "seed of every sampled response")
+
+
+@dataclass(frozen=True)
 class PromoteParams:
     model_name: str = _f("rlhf-policy", "registered model name of the policy in the MLflow registry")
     reward_model_name: str = _f("rlhf-reward", "registered model name of the reward model")
@@ -209,6 +226,7 @@ class Params:
     sft: SftParams
     reward_model: RewardModelParams
     ppo: PpoParams
+    evaluate: EvaluateParams
     promote: PromoteParams
     serve: ServeParams
 
@@ -281,7 +299,7 @@ def _build_section(cls: type, name: str, raw: Any, source: str):
 
 SECTIONS = {"model": ModelParams, "collect": CollectParams, "validate": ValidateParams, "sft": SftParams,
             "reward_model": RewardModelParams, "ppo": PpoParams,
-            "promote": PromoteParams, "serve": ServeParams}
+            "evaluate": EvaluateParams, "promote": PromoteParams, "serve": ServeParams}
 
 
 def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:

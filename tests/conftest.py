@@ -59,7 +59,7 @@ def build_tiny_model(vocab_size: int, seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     return LlamaForCausalLM(config)
 
@@ -85,6 +85,10 @@ TINY_PARAMS = {
     "collect": {"sources": ["policy", "import"], "num_prompts": 4, "max_new_tokens": 6, "batch_size": 4,
                 "judge_max_chars": 200, "import_format": "pairs"},
     "validate": {"max_tokens": 256, "val_fraction": 0.25, "test_fraction": 0.25},
+    "evaluate": {"heldout_prompts": 2, "max_new_tokens": 6, "max_prompt_len": 64, "batch_size": 2,
+                 "toxicity_prompt_count": 3, "toxicity_k": 2, "toxicity_max_new_tokens": 4},
+    "promote": {"model_name": "tiny-policy", "reward_model_name": "tiny-reward", "max_kl": 1000.0,
+                "max_toxicity_probability": 1.0},
 }
 
 # Imported (prompt, chosen, rejected) pairs for the tiny pipeline: with validate's seed 0 and fractions
@@ -134,7 +138,14 @@ def write_tiny_comparisons(project: Path) -> None:
 @pytest.fixture
 def tiny_project(tmp_path, tiny_model_dir, monkeypatch) -> Path:
     """A throwaway copy of the project (code, dvc.yaml, a tiny params.yaml) as a git + DVC repo, as cwd."""
-    project = tmp_path / "project"
+    project = make_tiny_project(tmp_path / "project", tiny_model_dir)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return project
+
+
+def make_tiny_project(project: Path, tiny_model_dir: Path) -> Path:
     project.mkdir()
     for name in ("rlhf", "flows", "tasks"):
         shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -153,7 +164,4 @@ def tiny_project(tmp_path, tiny_model_dir, monkeypatch) -> Path:
                 [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
                 ["git", "add", "-A"], ["git", "commit", "-qm", "tiny project"]):
         subprocess.run(cmd, cwd=project, check=True, env=env, capture_output=True)
-    monkeypatch.chdir(project)
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return project

@@ -1,7 +1,8 @@
-"""The backbone end to end on a tiny model: DVC stages, the Prefect flow, MLflow runs."""
+"""The backbone end to end on a tiny model: one cycle through the Prefect flow, then DVC and MLflow checked."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ import mlflow
 import pytest
 import yaml
 
+from tests.conftest import make_tiny_project
+
 pytestmark = pytest.mark.slow
 
 
@@ -17,47 +20,35 @@ def dvc(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
 
 
-def test_dvc_repro_runs_then_finds_everything_unchanged(tiny_project: Path):
-    first = dvc("repro")
-    assert first.returncode == 0, first.stdout + first.stderr
+@pytest.fixture(scope="module")
+def cycle(tmp_path_factory, tiny_model_dir):
+    """One whole cycle of the flow on a tiny project, shared by the tests below (they only read, or rerun cheaply)."""
+    from flows.cycle import rlhf_cycle
+
+    project = make_tiny_project(tmp_path_factory.mktemp("cycle") / "project", tiny_model_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        mp.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield project, rlhf_cycle()
+
+
+def test_the_flow_runs_every_stage_once(cycle):
     from flows.cycle import PIPELINE
 
-    for stage in PIPELINE:
-        assert f"Running stage '{stage}'" in first.stdout
-    assert (tiny_project / "models/sft/model.safetensors").exists()
-    metrics = json.loads((tiny_project / "metrics/sft.json").read_text())
-    assert metrics["sft/val_loss_after"] < metrics["sft/val_loss_before"]
-
-    second = dvc("repro")
-    assert second.returncode == 0, second.stderr
-    assert "Running stage" not in second.stdout
-    assert "didn't change, skipping" in second.stdout
-
-    # the DVC hashes we tag MLflow runs with are the ones DVC records
-    from rlhf.tracking import dvc_md5
-
-    lock = yaml.safe_load((tiny_project / "dvc.lock").read_text())
-    for dep in lock["stages"]["sft"]["deps"]:
-        assert dvc_md5(dep["path"]) == dep["md5"], dep["path"]
-    outs = {out["path"]: out["md5"] for out in lock["stages"]["sft"]["outs"]}
-    assert dvc_md5("models/sft") == outs["models/sft"]
-
-    # changing an SFT param reruns sft only
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    params["sft"]["learning_rate"] = 0.002
-    Path("params.yaml").write_text(yaml.safe_dump(params))
-    third = dvc("repro")
-    assert "Running stage 'sft'" in third.stdout and "Running stage 'prepare'" not in third.stdout
-
-
-def test_prefect_flow_runs_stages_under_one_parent_mlflow_run(tiny_project: Path):
-    from flows.cycle import PIPELINE, rlhf_cycle
-    from rlhf import tracking
-
-    result = rlhf_cycle()
+    project, result = cycle
     assert result["ran"] == list(PIPELINE) and result["unchanged"] == []
     assert result["metrics"]["sft"]["sft/steps"] >= 1
+    assert (project / "models/sft/model.safetensors").exists()
+    metrics = json.loads((project / "metrics/sft.json").read_text())
+    assert metrics["sft/val_loss_after"] < metrics["sft/val_loss_before"]
 
+
+def test_mlflow_holds_one_parent_run_with_a_nested_run_per_stage(cycle):
+    from flows.cycle import PIPELINE
+    from rlhf import tracking
+
+    _, result = cycle
     mlflow.set_tracking_uri(tracking.tracking_uri())
     experiment = mlflow.get_experiment_by_name(tracking.EXPERIMENT)
     runs = mlflow.search_runs([experiment.experiment_id], output_format="list")
@@ -70,10 +61,28 @@ def test_prefect_flow_runs_stages_under_one_parent_mlflow_run(tiny_project: Path
     assert "loss/train" in sft.data.metrics and "sft/val_perplexity_after" in sft.data.metrics
     assert sft.data.tags["dvc.dep.models/base"].endswith(".dir")
     assert sft.data.tags["git.commit"]
-    history = mlflow.MlflowClient().get_metric_history(sft.info.run_id, "loss/train")
-    assert len(history) == result["metrics"]["sft"]["sft/steps"]
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(sft.info.run_id)}
-    assert {"sft.json", "sft_loss.csv"} <= artifacts
+    client = mlflow.MlflowClient()
+    assert len(client.get_metric_history(sft.info.run_id, "loss/train")) == result["metrics"]["sft"]["sft/steps"]
+    assert {"sft.json", "sft_loss.csv"} <= {a.path for a in client.list_artifacts(sft.info.run_id)}
 
-    again = rlhf_cycle()
-    assert again["ran"] == [] and again["unchanged"] == list(PIPELINE)
+
+def test_dvc_finds_everything_unchanged_and_records_the_hashes_we_tag(cycle):
+    from rlhf.tracking import dvc_md5
+
+    again = dvc("repro")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "Running stage" not in again.stdout and "didn't change, skipping" in again.stdout
+
+    lock = yaml.safe_load(Path("dvc.lock").read_text())
+    for dep in lock["stages"]["sft"]["deps"]:
+        assert dvc_md5(dep["path"]) == dep["md5"], dep["path"]
+    outs = {out["path"]: out["md5"] for out in lock["stages"]["sft"]["outs"]}
+    assert dvc_md5("models/sft") == outs["models/sft"]
+
+
+def test_a_changed_param_reruns_only_the_stage_that_reads_it(cycle):
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["promote"]["max_kl"] = 999.0
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    status = dvc("status", "--json")
+    assert set(json.loads(status.stdout)) == {"promote"}, status.stdout
