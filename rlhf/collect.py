@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from rlhf import tracking
-from rlhf.comparisons import COLUMNS, write_comparisons
+from rlhf.comparisons import COLUMNS, read_comparisons, write_comparisons
+from rlhf.feedback import COMPARISONS_OUT as FEEDBACK_COMPARISONS, PROMPTS_OUT as SERVED_PROMPTS
 from rlhf.models import load_causal_lm, load_source_model, load_tokenizer, resolve_precision
 from rlhf.params import EMBEDDED_POLICY, EMBEDDED_PROMPTS, CollectParams, ModelParams, ParamError, load_params
 
@@ -127,14 +128,31 @@ def load_prompts(params: CollectParams) -> list[str]:
                 )
             prompts.append(value)
     prompts = list(dict.fromkeys(prompts))
-    if params.num_prompts > len(prompts):
+    # with 'feedback', what users asked the served model comes first: all of it, or a seeded num_prompts of it
+    served = pd.read_parquet(_refeed_snapshot(SERVED_PROMPTS))["prompt"].tolist() if "feedback" in params.sources else []
+    seen = set(served)
+    pool = [p for p in prompts if p not in seen]
+    if params.num_prompts > len(served) + len(pool):
         raise ParamError(
-            f"params.yaml: collect.num_prompts is {params.num_prompts}, but the prompt pool holds {len(prompts)} distinct "
-            f"prompts. Set it to at most {len(prompts)} (0 takes them all), or point collect.prompts at a larger pool."
+            f"params.yaml: collect.num_prompts is {params.num_prompts}, but the prompt pool holds {len(served) + len(pool)} "
+            f"distinct prompts. Set it to at most {len(served) + len(pool)} (0 takes them all), or point collect.prompts "
+            "at a larger pool."
         )
-    if params.num_prompts:
-        prompts = random.Random(params.seed).sample(prompts, params.num_prompts)
-    return prompts
+    if not params.num_prompts:
+        return served + pool
+    rng = random.Random(params.seed)
+    if len(served) >= params.num_prompts:
+        return rng.sample(served, params.num_prompts)
+    return served + rng.sample(pool, params.num_prompts - len(served))
+
+
+def _refeed_snapshot(path: str) -> str:
+    """`path`, a snapshot the refeed stage (`python -m rlhf.feedback`) wrote from the model server's feedback store."""
+    if not Path(path).exists():
+        raise ParamError(f"collect.sources includes 'feedback', but {path} is missing. The refeed stage writes it from "
+                         "the model server's feedback store (serve.database): run `python -m rlhf.feedback` (or "
+                         "`dvc repro refeed`) first, or drop 'feedback' from collect.sources.")
+    return path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -561,6 +579,9 @@ def collect(params, out: str = OUT, judgements_out: str = JUDGEMENTS) -> dict:
     for source in p.sources:
         if source == "policy":
             rows, judged, m = policy_comparisons(p, params.model, created_at)
+        elif source == "feedback":  # users' ratings, already comparison rows with source 'feedback:<model>/<version>'
+            rows = read_comparisons(_refeed_snapshot(FEEDBACK_COMPARISONS))
+            m = {"collect/feedback_comparisons": len(rows)}
         else:
             rows, m = import_comparisons(p, created_at)
         frames.append(rows)

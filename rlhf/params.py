@@ -79,7 +79,7 @@ class SftParams:
 
 @dataclass(frozen=True)
 class CollectParams:
-    sources: list[Literal["policy", "import"]] = _f(("policy",), "where comparisons come from, mixed: 'policy' (two samples per prompt, AI-judged) and/or 'import' (a preference data set)", "must name at least one source, each once", lambda v: len(v) >= 1 and len(set(v)) == len(v))
+    sources: list[Literal["policy", "import", "feedback"]] = _f(("policy",), "where comparisons come from, mixed: 'policy' (two samples per prompt, AI-judged), 'import' (a preference data set) and/or 'feedback' (the served model's users: their prompts join the pool first, their ratings become rows; from the refeed stage's snapshots in data/feedback/)", "must name at least one source, each once", lambda v: len(v) >= 1 and len(set(v)) == len(v))
     prompts: str = _f(EMBEDDED_PROMPTS, "prompt pool: 'embedded:prompts', a local .jsonl/.parquet file, or a hub dataset id")
     prompt_field: str = _f("prompt", "column of the pool holding the prompt")
     num_prompts: int = _f(96, "prompts drawn from the pool (seeded); 0 takes them all", "must be >= 0", _non_negative)

@@ -139,3 +139,38 @@ def test_refeed_snapshots_the_store_for_the_next_cycle(store, tmp_path):
     nothing = refeed(f"sqlite:///{tmp_path / 'never-served.db'}", str(prompts_out), str(comparisons_out))
     assert nothing["refeed/store_found"] == 0 and len(pd.read_parquet(prompts_out)) == 0
     assert not (tmp_path / "never-served.db").exists()  # the snapshot does not create a store
+
+
+def test_collect_takes_served_prompts_first_and_feedback_as_rows(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from rlhf.collect import collect, load_prompts
+    from rlhf.comparisons import read_comparisons
+    from rlhf.feedback import refeed
+    from rlhf.params import CollectParams, ModelParams, ParamError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ParamError, match="python -m rlhf.feedback"):
+        load_prompts(CollectParams(sources=["policy", "feedback"]))
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    engine = make_engine(url)
+    upgrade_database(engine)
+    with Session(engine) as db:
+        served(db, "c1", "Explain rain to me", ["rain falls", "water drops"], 0)
+        served(db, "c2", "Mail me at bo@example.com", ["ok"], 1)
+        db.commit()
+        rate(db, "c1", 2, preferred="a")
+        db.commit()
+    engine.dispose()
+    refeed(url)  # data/feedback/*.parquet, where collect looks
+
+    mixed = load_prompts(CollectParams(sources=["policy", "feedback"], num_prompts=5, seed=0))
+    assert mixed[:2] == ["Explain rain to me", "Mail me at [EMAIL]"] and len(set(mixed)) == 5
+    assert sorted(load_prompts(CollectParams(sources=["policy", "feedback"], num_prompts=2))) == sorted(mixed[:2])
+    assert "Mail me at [EMAIL]" not in load_prompts(CollectParams(sources=["policy"], num_prompts=0))
+
+    params = SimpleNamespace(collect=CollectParams(sources=["feedback"]), model=ModelParams())
+    metrics = collect(params, out=str(tmp_path / "collected.parquet"), judgements_out=str(tmp_path / "j.parquet"))
+    rows = read_comparisons(tmp_path / "collected.parquet")
+    assert metrics["collect/feedback_comparisons"] == 1 and list(rows["source"]) == ["feedback:policy/1"]
+    assert list(rows["chosen"]) == ["a"]
