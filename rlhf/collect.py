@@ -247,7 +247,13 @@ def judge_messages(prompt: str, first: str, second: str, max_chars: int) -> list
 @torch.no_grad()
 def transformers_margins(model, tokenizer, prompts: list[str], firsts: list[str], seconds: list[str], max_chars: int,
                          batch_size: int, progress=None) -> np.ndarray:
-    """log p('A') − log p('B') of the judge's next token, for each (prompt, first, second) shown as (A, B)."""
+    """log p('A') − log p('B') of the judge's next token, for each (prompt, first, second) shown as (A, B).
+
+    The softmax's normaliser cancels in the difference, which is logit_A − logit_B = h·(w_A − w_B) for
+    the final hidden state h and the output embeddings w. It is taken in fp32 from h, so a bf16 judge's
+    margins are not rounded to bf16 logits (steps of ~0.06 at the judge's logit sizes, as large as the
+    tie margin). In fp32 it equals log_softmax(model(x).logits[:, -1])[A] − [B].
+    """
     token_ids = []
     for letter in VERDICT_TOKENS:
         ids = tokenizer(letter, add_special_tokens=False)["input_ids"]
@@ -255,6 +261,11 @@ def transformers_margins(model, tokenizer, prompts: list[str], firsts: list[str]
             raise ParamError(f"the judge's tokenizer splits the verdict '{letter}' into {len(ids)} tokens; the judge "
                              "reads one token's log-probability. Use a judge whose tokenizer has single-letter tokens.")
         token_ids.append(ids[0])
+    head = model.get_output_embeddings()
+    verdict_weights = head.weight[token_ids].float()  # (2, H): w_A, w_B
+    verdict_bias = head.bias[token_ids].float() if getattr(head, "bias", None) is not None else 0.0
+    softcap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-2 style judges cap their logits
+    decoder = model.get_decoder()
     tokenizer.padding_side = "left"  # the verdict is read at the last position of every row
     texts = [tokenizer.apply_chat_template(judge_messages(p, a, b, max_chars), add_generation_prompt=True, tokenize=False)
              for p, a, b in zip(prompts, firsts, seconds)]
@@ -264,9 +275,11 @@ def transformers_margins(model, tokenizer, prompts: list[str], firsts: list[str]
         rows = order[start:start + batch_size]
         batch = tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
-        logits = model(**batch, position_ids=position_ids, logits_to_keep=1).logits[:, -1].float()  # (B, V)
-        logp = torch.log_softmax(logits, dim=-1)
-        margins[rows] = (logp[:, token_ids[0]] - logp[:, token_ids[1]]).cpu().numpy()
+        hidden = decoder(**batch, position_ids=position_ids).last_hidden_state[:, -1].float()  # (B, H)
+        logits = hidden @ verdict_weights.T + verdict_bias  # (B, 2): logit_A, logit_B
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        margins[rows] = (logits[:, 0] - logits[:, 1]).cpu().numpy()
         if progress is not None:
             progress.update(len(rows))
     return margins

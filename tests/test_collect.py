@@ -96,6 +96,18 @@ def test_transformers_margins_do_not_depend_on_the_padding_of_the_batch(tiny_lm)
     assert np.allclose(together, alone, atol=1e-4)  # left padding shifts no position
 
 
+def test_transformers_margin_equals_the_log_softmax_difference(tiny_lm):
+    model, tokenizer = tiny_lm
+    prompt, first, second = "what is two plus two?", "four", "the quick brown fox"
+    margin = transformers_margins(model, tokenizer, [prompt], [first], [second], 200, batch_size=1)[0]
+    text = tokenizer.apply_chat_template(collect.judge_messages(prompt, first, second, 200), add_generation_prompt=True,
+                                         tokenize=False)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(**tokenizer(text, return_tensors="pt", add_special_tokens=False)).logits[0, -1], -1)
+    a, b = (tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in collect.VERDICT_TOKENS)
+    assert margin == pytest.approx(float(logp[a] - logp[b]), abs=1e-5)
+
+
 def test_verdict_margin_from_top_logprobs():
     top = [{"token": " A", "logprob": -0.2}, {"token": "B", "logprob": -1.9}, {"token": "The", "logprob": -3.0}]
     assert verdict_margin(top) == pytest.approx(1.7)
