@@ -263,17 +263,14 @@ class Checker:
         return self.docs_dir
 
 
-def row_reasons(result, n_rows: int) -> list[list[str]]:
-    """The `meta.reason` of every row-level expectation each row failed, in suite order, each once."""
-    reasons = [[] for _ in range(n_rows)]
+def row_reasons(result, n_rows: int, order: list[str]) -> list[list[str]]:
+    """The `meta.reason` of every row-level expectation each row failed, each once, in the suite's order."""
+    failed = [set() for _ in range(n_rows)]
     for r in result.results:
-        if r.success:
-            continue
-        reason = r.expectation_config.meta["reason"]
-        for i in r.result.get("unexpected_index_list") or []:
-            if reason not in reasons[i]:
-                reasons[i].append(reason)
-    return reasons
+        if not r.success:
+            for i in r.result.get("unexpected_index_list") or []:
+                failed[i].add(r.expectation_config.meta["reason"])
+    return [[reason for reason in order if reason in row] for row in failed]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,7 +299,8 @@ def validate_comparisons(frame: pd.DataFrame, utf8_valid: np.ndarray, params: Va
     checker.run("row", rows, {"max_tokens": params.max_tokens, "min_votes": params.min_votes,
                               "near_duplicate_threshold": params.near_duplicate_threshold,
                               "source_pattern": rf"^(?:{'|'.join(SOURCE_KINDS)}):\S"})
-    reasons = row_reasons(checker.results["row"], n_in)
+    order = list(dict.fromkeys(e.meta["reason"] for e in checker.suites["row"].expectations))
+    reasons = row_reasons(checker.results["row"], n_in, order)
     bad = np.array([bool(r) for r in reasons], dtype=bool)
 
     valid = rows[~bad].reset_index(drop=True)
@@ -351,9 +349,9 @@ def _dataset_message(failed, valid: pd.DataFrame, n_in: int, reasons: list[list[
     reason = failed.expectation_config.meta["reason"]
     if reason == "no_valid_rows":
         top = ", ".join(f"{r}: {c}" for r, c in Counter(x for rs in reasons for x in rs).most_common(4))
-        return (f"all {n_in} rows were quarantined ({top}), so no comparison is left to train on. The rows and their "
-                "reasons are in the Data Docs logged to MLflow (artifact data_docs); fix the source, then run "
-                "`dvc repro validate`.")
+        return (f"all {n_in} rows were quarantined ({top}), so no comparison is left to train on. The failures per "
+                "expectation are in the Data Docs logged to MLflow (artifact data_docs); fix the source (for judged "
+                "pairs, metrics/collect.json says how many the judge left unlabelled), then run `dvc repro validate`.")
     if reason == "empty_split":
         counts = valid.groupby("split")["prompt"].nunique().to_dict()
         return (f"the valid rows' {valid['prompt'].nunique()} distinct prompts fall into the splits as {counts}, and a "

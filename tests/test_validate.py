@@ -63,6 +63,7 @@ BAD = {  # pair_id -> the reason validate must give
     "leak": "prompt_leak",
     "few-votes": "too_few_votes",
     "robot": "unknown_source",
+    "two-faults": "empty_response_b; unknown_chosen",  # every failed expectation, in the suite's order
 }
 
 
@@ -82,6 +83,7 @@ def bad_rows() -> list[dict]:
         row("few-votes", "Name a river.", source="human:campaign-1", votes=2, agreement=1.0),
         row("human-ok", "Name a mountain.", source="human:campaign-1", votes=5, agreement=0.8),
         row("robot", "Name a planet.", source="robot:r2d2"),
+        row("two-faults", "Name a moon.", response_b="", chosen="yes"),
     ]
 
 
