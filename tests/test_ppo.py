@@ -358,3 +358,21 @@ def test_out_of_range_reward_model_params_are_refused(tmp_path):
     path.write_text(yaml.safe_dump({"reward_model": {"learning_rate": 0}}))
     with pytest.raises(ParamError, match=r"`reward_model.learning_rate` is 0\. .* must be > 0"):
         load_params(path)
+
+
+def test_training_prompts_from_a_file_never_include_a_test_prompt(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from rlhf.comparisons import write_comparisons
+
+    rows = [{"pair_id": p, "prompt": p, "response_a": "x", "response_b": "y", "chosen": "a", "source": "judge:t",
+             "policy_version": None, "votes": None, "agreement": None,
+             "created_at": pd.Timestamp("2026-01-01", tz="UTC")} for p in ("p1", "p2")]
+    write_comparisons(pd.DataFrame(rows), tmp_path / "test.parquet")
+    monkeypatch.setattr(ppo, "TEST_COMPARISONS", tmp_path / "test.parquet")
+    source = tmp_path / "prompts.jsonl"
+    source.write_text('{"prompt": "p0"}\n{"prompt": "p1"}\n{"prompt": "p3"}\n{"prompt": "p0"}\n{"prompt": " "}\n')
+    train_prompts, heldout = ppo.held_out_prompts(ppo.load_train_prompts(str(source)), 10, seed=0)
+    assert train_prompts == ["p0", "p3"] and sorted(heldout) == ["p1", "p2"]
+    with pytest.raises(ParamError, match=r"ppo.prompts is 'nowhere.txt', which is neither 'comparisons' nor"):
+        ppo.load_train_prompts("nowhere.txt")
