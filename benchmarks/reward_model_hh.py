@@ -16,6 +16,7 @@ import argparse
 import gzip
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     m = result["metrics"]
     report = {
         "what": "held-out pairwise accuracy of the reward_model stage trained on hh-rlhf test files, split by prompt",
-        "command": "nice -n 10 .venv/bin/python benchmarks/reward_model_hh.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else "")
+        + "nice -n 10 .venv/bin/python benchmarks/reward_model_hh.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "data": {"source": str(DATA.relative_to(REPO.parent)), "usable_pairs": len(rows),
                  "left_out": dict(skipped), "train_pairs_available": len(rows) - len(held_out),
                  "train_pairs_used": len(train_rows), "held_out_pairs": len(held_out), "held_out_scored": len(scored),

@@ -228,12 +228,14 @@ def reply_suffix(tokenizer) -> list[int]:
 @torch.no_grad()
 def sample_responses(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, temperature: float,
                      eos_id: int, pad_id: int):
-    """Sample one response per query: (responses (B, N), response_mask (B, N), ended (B,)).
+    """Sample one response per query from the full tempered distribution, batched, with the KV cache:
+    (responses (B, N), response_mask (B, N), ended (B,)).
 
     The mask covers the tokens up to and including the first EOS; `ended` is False where none came.
     """
     out = model.generate(input_ids=query, attention_mask=query_mask, do_sample=True, temperature=temperature,
-                         top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id)
+                         top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
+                         use_cache=True)
     responses = out[:, query.size(1):]
     is_eos = responses == eos_id
     ended = is_eos.any(dim=1)

@@ -41,6 +41,7 @@ OUT_DIR = "models/reward"
 METRICS = "metrics/reward_model.json"
 PLOT = "plots/reward_model.csv"
 NORMALIZATION_KEY = "reward_normalization"  # config.json entry: {"mean", "std", "responses"}
+STATS_PAIRS = 1000  # training pairs scored for the reward normalisation
 
 
 @dataclass(frozen=True)
@@ -334,8 +335,11 @@ def train(params: RewardModelParams, sft_dir: str, precision: str, train_pairs: 
     val = pair_summary(val_scores)
     curve[-1].update(val_loss=round(val["loss"], 5), val_accuracy=round(val["accuracy"], 4))
     _log({"loss/val": val["loss"], "rm/val_accuracy": val["accuracy"]}, step=step)
-    # normalisation statistics over every training response, chosen and rejected alike
-    train_scores = score_pairs(model, accelerator, train_enc, params.batch_size, pad_id, progress=is_main)
+    # normalisation statistics over the training responses, chosen and rejected alike; a seeded sample
+    # of STATS_PAIRS pairs pins mean and std to ~1% while a large import is not scored a second time
+    stats_enc = (train_enc if len(train_enc) <= STATS_PAIRS
+                 else random.Random(params.seed).sample(train_enc, STATS_PAIRS))
+    train_scores = score_pairs(model, accelerator, stats_enc, params.batch_size, pad_id, progress=is_main)
     train_summary = pair_summary(train_scores)
     reward_mean, reward_std = float(train_scores.mean()), float(train_scores.std())
 
@@ -362,7 +366,7 @@ def train(params: RewardModelParams, sft_dir: str, precision: str, train_pairs: 
         unwrapped = accelerator.unwrap_model(model)
         inner = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         setattr(inner.config, NORMALIZATION_KEY,
-                {"mean": reward_mean, "std": reward_std, "responses": 2 * len(train_pairs)})
+                {"mean": reward_mean, "std": reward_std, "responses": 2 * len(stats_enc)})
         save_checkpoint(unwrapped, tokenizer, out_dir, dtype)
     accelerator.wait_for_everyone()
     return {"metrics": metrics, "curve": curve, "val_scores": val_scores}
