@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, get_linear_schedule_with_warmup
@@ -33,6 +33,7 @@ from rlhf import tracking
 from rlhf.comparisons import read_comparisons
 from rlhf.models import count_parameters, load_tokenizer, resolve_precision, save_checkpoint
 from rlhf.params import ParamError, RewardModelParams, load_params
+from rlhf.sft import process_share
 
 SFT_DIR = "models/sft"
 TRAIN_COMPARISONS = "data/comparisons/train.parquet"
@@ -81,6 +82,21 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 def rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     return reward_at_last_token(token_scores(model, input_ids, attention_mask), attention_mask)
+
+
+class TokenScorer(torch.nn.Module):
+    """`token_scores` as a module's forward, for training under DDP.
+
+    DDP all-reduces gradients only of passes through its own forward; `token_scores` on the wrapped model
+    would bypass it, so it wraps this module instead.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        return token_scores(self.model, input_ids, attention_mask, position_ids)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,7 +292,9 @@ def train(params: RewardModelParams, sft_dir: str, precision: str, train_pairs: 
     steps_per_epoch = math.ceil(len(train_enc) / (params.batch_size * params.grad_accum_steps))
     total_steps = steps_per_epoch * params.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(params.warmup_ratio * total_steps), total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # the scheduler stays unprepared: accelerate would step it once per process, for data loaders it shards
+    scorer, optimizer = accelerator.prepare(TokenScorer(model), optimizer)
+    model = accelerator.unwrap_model(scorer).model  # for scoring without gradients, and saving
     is_main = accelerator.is_main_process
 
     before = pair_summary(score_pairs(model, accelerator, val_enc, params.batch_size, pad_id, progress=is_main))
@@ -285,6 +303,7 @@ def train(params: RewardModelParams, sft_dir: str, precision: str, train_pairs: 
     _log({"loss/val": before["loss"], "rm/val_accuracy": before["accuracy"]}, step=0)
 
     rng = random.Random(params.seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
     lengths = [max(len(c), len(r)) for c, r in train_enc]
     step, tokens_seen, train_seconds = 0, 0, 0.0
     progress = tqdm(total=total_steps, desc="reward_model", disable=not is_main)
@@ -295,20 +314,24 @@ def train(params: RewardModelParams, sft_dir: str, precision: str, train_pairs: 
             group = micro[start:start + params.grad_accum_steps]
             n_pairs = sum(len(g) for g in group)
             tic = time.perf_counter()
-            step_loss, step_correct, step_tokens = 0.0, 0, 0
+            step_sums = torch.zeros(3, dtype=torch.float64)  # this process's share of (loss, correct pairs, tokens)
             for i, indices in enumerate(group):
-                input_ids, attention_mask = stack_pairs([train_enc[j] for j in indices], pad_id)
+                mine, weight = process_share(indices, rank, world)
+                input_ids, attention_mask = stack_pairs([train_enc[j] for j in mine], pad_id)
                 input_ids, attention_mask = input_ids.to(accelerator.device), attention_mask.to(accelerator.device)
-                sync = contextlib.nullcontext() if i == len(group) - 1 else accelerator.no_sync(model)
+                sync = contextlib.nullcontext() if i == len(group) - 1 else accelerator.no_sync(scorer)
                 with sync, accelerator.autocast():
-                    reward_chosen, reward_rejected = rewards(model, input_ids, attention_mask).chunk(2)
-                    # a mean over this micro-batch, weighted so the step's loss is the mean over all its pairs
-                    loss = preference_loss(reward_chosen, reward_rejected) * len(indices) / n_pairs
-                accelerator.backward(loss)
-                step_loss += loss.item()
-                step_correct += int((reward_chosen > reward_rejected).sum())
-                step_tokens += int(attention_mask.sum())
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), params.max_grad_norm)
+                    reward_chosen, reward_rejected = reward_at_last_token(scorer(input_ids, attention_mask),
+                                                                          attention_mask).chunk(2)
+                    # a mean over this process's pairs, weighted so the step's loss, summed over processes, is the
+                    # mean over all its pairs; × world because DDP averages the processes' gradients
+                    share = preference_loss(reward_chosen, reward_rejected) * (weight * len(mine) / n_pairs)
+                accelerator.backward(share * world)
+                step_sums += torch.tensor([float(share.detach()), weight * int((reward_chosen > reward_rejected).sum()),
+                                           weight * int(attention_mask.sum())], dtype=torch.float64)
+            step_loss, correct, step_tokens = accelerator.reduce(step_sums.to(accelerator.device), "sum").tolist()
+            step_correct, step_tokens = round(correct), round(step_tokens)
+            grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), params.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -387,6 +410,8 @@ def main() -> int:
                                              "model.precision": params.model.precision}):
         result = train(params.reward_model, SFT_DIR, params.model.precision, train_pairs, val_pairs, OUT_DIR,
                        ties_excluded=train_ties + val_ties)
+        if not PartialState().is_main_process:
+            return 0  # under `accelerate launch` one process records and writes the outputs
         tracking.log_outputs("reward_model", {"reward_model": OUT_DIR})
         tracking.write_plot(PLOT, result["curve"])
         tracking.write_metrics(METRICS, result["metrics"])

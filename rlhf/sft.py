@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
@@ -159,6 +159,16 @@ def batches(examples: list[dict], batch_size: int, rng: random.Random | None):
         yield [examples[i] for i in group]
 
 
+def process_share(items: list, rank: int, world: int) -> tuple[list, float]:
+    """This process's part of a micro-batch under data parallelism (every `world`-th item from `rank`), and its weight.
+
+    Every process builds the same micro-batches (same seed), so each knows the step's global counts. A process
+    whose part is empty runs the first item with weight 0: DDP needs every process in the gradient all-reduce.
+    """
+    mine = items[rank::world]
+    return (mine, 1.0) if mine else (items[:1], 0.0)
+
+
 @torch.no_grad()
 def validation_loss(model, accelerator, examples: list[dict], batch_size: int, pad_id: int) -> float:
     """Mean response-token NLL over the held-out split."""
@@ -217,7 +227,8 @@ def train(params: SftParams, base_dir: str, precision: str, out_dir: str) -> dic
     steps_per_epoch = math.ceil(len(train_examples) / (params.batch_size * params.grad_accum_steps))
     total_steps = steps_per_epoch * params.epochs
     scheduler = lr_scheduler(optimizer, params, total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # the scheduler stays unprepared: accelerate would step it once per process, for data loaders it shards
+    model, optimizer = accelerator.prepare(model, optimizer)
     pad_id = tokenizer.pad_token_id
 
     val_before = validation_loss(model, accelerator, val_examples, params.batch_size, pad_id)
@@ -227,26 +238,32 @@ def train(params: SftParams, base_dir: str, precision: str, out_dir: str) -> dic
         _log(tracking_metrics, step=0)
 
     rng = random.Random(params.seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
     step, tokens_seen, train_seconds = 0, 0, 0.0
     progress = tqdm(total=total_steps, desc="sft", disable=not accelerator.is_main_process)
     model.train()
     for _epoch in range(params.epochs):
         micro_batches = list(batches(train_examples, params.batch_size, rng))
         for start in range(0, len(micro_batches), params.grad_accum_steps):
-            group = [collate(mb, pad_id) for mb in micro_batches[start:start + params.grad_accum_steps]]
-            group_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
+            group = micro_batches[start:start + params.grad_accum_steps]
+            group_tokens = sum(label != IGNORE for mb in group for e in mb for label in e["labels"][1:])
             tic = time.perf_counter()
-            step_loss = 0.0
-            for i, batch in enumerate(group):
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            step_sums = torch.zeros(2, dtype=torch.float64)  # this process's share of (loss, tokens)
+            for i, examples in enumerate(group):
+                mine, weight = process_share(examples, rank, world)
+                batch = {k: v.to(accelerator.device) for k, v in collate(mine, pad_id).items()}
                 sync = contextlib.nullcontext() if i == len(group) - 1 else accelerator.no_sync(model)
                 with sync, accelerator.autocast():
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     nll, _ = response_nll(logits, batch["labels"])
-                    loss = nll / group_tokens  # mean over every response token of the optimiser step
+                    # mean over every response token of the optimiser step, on all processes together;
+                    # × world because DDP averages the processes' gradients
+                    loss = nll * (weight * world / group_tokens)
                 accelerator.backward(loss)
-                step_loss += loss.detach().item()
-                tokens_seen += int(batch["attention_mask"].sum())
+                n_tokens = float(batch["attention_mask"].sum())
+                step_sums += torch.tensor([float(nll.detach()) / group_tokens, n_tokens]) * weight
+            step_loss, step_tokens = accelerator.reduce(step_sums.to(accelerator.device), "sum").tolist()
+            tokens_seen += int(step_tokens)
             accelerator.clip_grad_norm_(model.parameters(), params.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -254,7 +271,6 @@ def train(params: SftParams, base_dir: str, precision: str, out_dir: str) -> dic
             step += 1
             elapsed = time.perf_counter() - tic
             train_seconds += elapsed
-            step_tokens = sum(int(b["attention_mask"].sum()) for b in group)
             row = {"loss/train": step_loss, "lr": scheduler.get_last_lr()[0], "perf/tokens_per_s": step_tokens / elapsed}
             point = {"step": step, "train_loss": round(step_loss, 5), "val_loss": None}
             if step % params.eval_every == 0 or step == total_steps:
@@ -298,6 +314,8 @@ def main() -> int:
     params = load_params()
     with tracking.stage_run("sft", {"sft": params.section("sft"), "model.precision": params.model.precision}):
         result = train(params.sft, BASE_DIR, params.model.precision, OUT_DIR)
+        if not PartialState().is_main_process:
+            return 0  # under `accelerate launch` one process records and writes the outputs
         tracking.log_outputs("sft", {"sft": OUT_DIR})
         tracking.write_plot(PLOT, result["curve"])
         tracking.write_metrics(METRICS, result["metrics"])
