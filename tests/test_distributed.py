@@ -101,7 +101,7 @@ def _compare(runs: dict, stage: str) -> None:
     moved = max(float((weights[0][k] - start[k]).abs().max()) for k in weights[0].keys() & start.keys())
     print(f"{stage}: {len(one)} logged steps; logged values differ by at most {worst:.1e} (relative); "
           f"final weights by at most {diff:.1e} (absolute), after moving up to {moved:.1e}")
-    assert moved > 100 * WEIGHT_ATOL, f"{stage}: the weights hardly moved ({moved:.1e}), so comparing them says little"
+    assert moved > 10 * WEIGHT_ATOL, f"{stage}: the weights hardly moved ({moved:.1e}), so comparing them says little"
     assert diff <= WEIGHT_ATOL, f"{stage}: the final weights of one and two processes differ by up to {diff:.1e}"
 
 
