@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
@@ -39,7 +39,7 @@ from rlhf import tracking
 from rlhf.comparisons import read_comparisons
 from rlhf.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision, save_checkpoint
 from rlhf.params import ParamError, PpoParams, load_params
-from rlhf.reward_model import load_reward_model, pad_right, rewards, token_scores
+from rlhf.reward_model import TokenScorer, load_reward_model, pad_right, rewards
 
 SFT_DIR = "models/sft"
 REWARD_DIR = "models/reward"
@@ -272,12 +272,13 @@ def reference_logprobs(accelerator, policy, reference, query, query_mask, respon
 
 
 def value_forward(value_model, query, query_mask, responses, response_mask) -> torch.Tensor:
-    """Per-token values of a separate value model, (B, N), at the positions that predict each response token."""
+    """Per-token values of a separate value model (a TokenScorer, so DDP runs its forward), (B, N), at the
+    positions that predict each response token."""
     input_ids = torch.cat([query, responses], dim=1)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     n = responses.size(1)
-    return token_scores(value_model, input_ids, attention_mask, position_ids)[:, -n - 1:-1]
+    return value_model(input_ids, attention_mask, position_ids)[:, -n - 1:-1]
 
 
 @torch.no_grad()
@@ -315,7 +316,7 @@ def build_policy(sft_dir: str, dtype: torch.dtype, params: PpoParams):
 
 
 def build_value_model(params: PpoParams, reward_dir: str, dtype: torch.dtype, hidden_size: int) -> torch.nn.Module:
-    """A zero-initialised linear head (V = 0 at first), or a trainable copy of the reward model."""
+    """A zero-initialised linear head (V = 0 at first), or a trainable copy of the reward model (in a TokenScorer)."""
     if params.value_model == "head":
         head = torch.nn.Linear(hidden_size, 1)
         torch.nn.init.zeros_(head.weight)
@@ -324,7 +325,7 @@ def build_value_model(params: PpoParams, reward_dir: str, dtype: torch.dtype, hi
     model = AutoModelForSequenceClassification.from_pretrained(
         reward_dir, dtype=dtype if params.uses_lora else torch.float32)
     if not params.uses_lora:
-        return model
+        return TokenScorer(model)
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=0.0,
@@ -333,7 +334,7 @@ def build_value_model(params: PpoParams, reward_dir: str, dtype: torch.dtype, hi
     for p in model.parameters():
         if p.requires_grad:  # the head came in `dtype`; keep its updates in fp32
             p.data = p.data.float()
-    return model
+    return TokenScorer(model)
 
 
 def _trainable(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -436,7 +437,7 @@ class Models:
         return (raw_score - self.reward_stats["mean"]) / self.reward_stats["std"]
 
     def values(self, hidden, query, query_mask, responses, response_mask) -> torch.Tensor:
-        if isinstance(self.value_model, torch.nn.Linear):  # a head on the policy's hidden state
+        if isinstance(self.accelerator.unwrap_model(self.value_model), torch.nn.Linear):  # a head on the policy's hidden state
             return self.value_model(hidden.float()).squeeze(-1)
         return value_forward(self.value_model, query, query_mask, responses, response_mask)
 
@@ -536,7 +537,8 @@ def train(params: PpoParams, precision: str, sft_dir: str | Path, reward_dir: st
     optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate)
     updates_per_iteration = params.ppo_epochs * (params.batch_size // params.minibatch_size)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, params.iterations * updates_per_iteration)
-    policy, value_model, optimizer, scheduler = accelerator.prepare(policy, value_model, optimizer, scheduler)
+    # the scheduler stays unprepared: accelerate would step it once per process, for data loaders it shards
+    policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
     for frozen in (reward_model, reference):
         if frozen is not None:
             frozen.to(accelerator.device)
@@ -713,6 +715,8 @@ def main() -> int:
     with tracking.stage_run("ppo", {"ppo": params.section("ppo"), "model.precision": params.model.precision}):
         result = train(p, params.model.precision, SFT_DIR, REWARD_DIR, train_prompts, heldout, OUT_DIR,
                        CHECKPOINT_DIR, fingerprint(p, params.model.precision, inputs))
+        if not PartialState().is_main_process:
+            return 0  # under `accelerate launch` one process records and writes the outputs
         tracking.log_outputs("ppo", {"ppo": OUT_DIR})
         tracking.write_plot(PLOT, result["curve"])
         tracking.write_metrics(METRICS, result["metrics"])

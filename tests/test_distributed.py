@@ -119,8 +119,5 @@ def test_reward_model_two_processes_match_one(runs):
     _compare(runs, "reward_model")
 
 
-@pytest.mark.xfail(strict=True, reason="rlhf/ppo.py under DDP: the value head is wrapped, so Models.values misses "
-                   "isinstance(Linear) and token_scores fails on the wrapper; the prepared scheduler decays the "
-                   "learning rate once per process. Remove this mark with the fix.")
 def test_ppo_two_processes_match_one(runs):
     _compare(runs, "ppo")
