@@ -76,13 +76,14 @@ ADAMW_WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default, which rlhf.ppo's optim
 def trl_python() -> Path:
     """benchmarks/.venv-trl's python: made once, with trl 1.12.0 over the project venv's packages."""
     python = TRL_VENV / "bin" / "python"
-    check = [str(python), "-c", "import sys, trl.experimental.ppo, trl; sys.exit(trl.__version__ != '1.12.0')"]
+    check = [str(python), "-c", "import os, sys; os.environ['TRL_EXPERIMENTAL_SILENCE'] = '1'; "
+             "import trl, trl.experimental.ppo; sys.exit(trl.__version__ != '1.12.0')"]
     if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
         return python
     if sys.prefix == sys.base_prefix:
         raise SystemExit("ppo_vs_trl: run this with the project venv's python (.venv/bin/python); the TRL venv is "
                          "built over that venv's packages.")
-    print(f"ppo_vs_trl: making {TRL_VENV.relative_to(REPO)} ({TRL_PIN} over the project venv's packages)")
+    print(f"ppo_vs_trl: making {TRL_VENV} ({TRL_PIN} over the project venv's packages)")
     subprocess.run([sys._base_executable, "-m", "venv", "--clear", str(TRL_VENV)], check=True)
     purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True, check=True).stdout.strip()
