@@ -33,7 +33,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,  # noqa: E402
-                          TrainerCallback)
+                          TrainerCallback, set_seed)
 
 PAD_TOKEN = "<|endoftext|>"  # SmolLM2's unk token: never produced by the chat template, so safe as pad
 
@@ -138,6 +138,7 @@ def main(spec_path: str) -> None:
         kl_coef=s["kl_coef"], kl_estimator="k1", cliprange=s["clip_eps"], cliprange_value=s["value_clip"],
         vf_coef=s["vf_coef"], gamma=s["gamma"], lam=s["lam"], whiten_rewards=False,
     )
+    set_seed(s["seed"])  # TRL's PPO seeds torch but not numpy, whose permutation orders its minibatches
     clock = LoopClock()
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=reference,
                          reward_model=reward_model, train_dataset=train, value_model=value_model,
