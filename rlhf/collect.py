@@ -594,7 +594,8 @@ def collect(params, out: str = OUT, judgements_out: str = JUDGEMENTS) -> dict:
             rows, judged, m = policy_comparisons(p, params.model, created_at)
         elif source == "feedback":  # users' ratings, already comparison rows with source 'feedback:<model>/<version>'
             rows = read_comparisons(_refeed_snapshot(FEEDBACK_COMPARISONS))
-            m = {"collect/feedback_comparisons": len(rows)}
+            m = {"collect/feedback_comparisons": len(rows),
+                 "collect/served_prompts": len(pd.read_parquet(_refeed_snapshot(SERVED_PROMPTS), columns=["prompt"]))}
         else:
             rows, m = import_comparisons(p, created_at)
         frames.append(rows)

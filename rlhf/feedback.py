@@ -23,6 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
@@ -154,6 +156,16 @@ def _sub_counting(pattern: re.Pattern, replace, text: str) -> tuple[str, int]:
 # -- refeed --------------------------------------------------------------------------------------------------
 
 
+# the served-prompts snapshot; typed, so an empty snapshot has the same columns and types as a full one
+PROMPT_SCHEMA = pa.schema([
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("model_version", pa.string(), nullable=False),  # '<model name>/<version>' of the first request
+    pa.field("first_seen", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("times_served", pa.int64(), nullable=False),
+    pa.field("pii", pa.string(), nullable=False),  # kinds scrubbed, comma-separated; '' for none
+])
+
+
 def _normalised(prompt: str) -> str:
     return " ".join(prompt.split()).casefold()
 
@@ -191,8 +203,8 @@ def served_prompts(database_url: str, since: datetime | str | None = None) -> pd
             rows[key] = {"prompt": prompt, "model_version": f"{completion.model_name}/{completion.model_version}",
                          "first_seen": completion.created_at, "times_served": 1, "pii": ",".join(kinds)}
     engine.dispose()
-    frame = pd.DataFrame(list(rows.values()), columns=["prompt", "model_version", "first_seen", "times_served", "pii"])
-    return frame.astype({"times_served": "int64"})
+    return PROMPT_SCHEMA.empty_table().to_pandas() if not rows else pd.DataFrame(
+        list(rows.values()), columns=PROMPT_SCHEMA.names).astype({"times_served": "int64"})
 
 
 def _comparison(pair_id: str, completion: ServedCompletion, response_a: str, response_b: str, chosen: str,
@@ -258,7 +270,6 @@ def feedback_comparisons(database_url: str) -> pd.DataFrame:
 PROMPTS_OUT = "data/feedback/served_prompts.parquet"
 COMPARISONS_OUT = "data/feedback/comparisons.parquet"
 METRICS = "metrics/refeed.json"
-PROMPT_COLUMNS = ["prompt", "model_version", "first_seen", "times_served", "pii"]
 
 
 def store_exists(database_url: str) -> bool:
@@ -270,14 +281,16 @@ def refeed(database_url: str, prompts_out: str = PROMPTS_OUT, comparisons_out: s
     """Snapshot the store for the next cycle (served prompts, feedback comparisons) as Parquet; return the counts.
 
     A SQLite store that does not exist yet (no server has run) gives empty snapshots and says so in the counts.
+    The same store gives the same bytes (fixed schemas, rows in store order), so DVC sees an unchanged snapshot
+    and leaves collect and everything after it alone.
     """
     found = store_exists(database_url)
-    prompts = served_prompts(database_url) if found else pd.DataFrame(columns=PROMPT_COLUMNS)
+    prompts = served_prompts(database_url) if found else PROMPT_SCHEMA.empty_table().to_pandas()
     comparisons = feedback_comparisons(database_url) if found else empty_comparisons()
     out = Path(prompts_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    prompts.to_parquet(tmp, index=False)
+    pq.write_table(pa.Table.from_pandas(prompts, schema=PROMPT_SCHEMA, preserve_index=False), tmp)
     os.replace(tmp, out)
     write_comparisons(comparisons, comparisons_out)
     return {"refeed/store_found": int(found), "refeed/served_prompts": len(prompts),

@@ -89,6 +89,7 @@ TINY_PARAMS = {
                  "toxicity_prompt_count": 3, "toxicity_k": 2, "toxicity_max_new_tokens": 4},
     "promote": {"model_name": "tiny-policy", "reward_model_name": "tiny-reward", "max_kl": 1000.0,
                 "max_toxicity_probability": 1.0},
+    "serve": {"database": "sqlite:///data/feedback/feedback.db"},  # the refeed stage's DVC param
 }
 
 # Imported (prompt, chosen, rejected) pairs for the tiny pipeline: with validate's seed 0 and fractions

@@ -126,8 +126,10 @@ def test_a_missing_store_is_an_error_not_an_empty_refeed(tmp_path):
 
 
 def test_refeed_snapshots_the_store_for_the_next_cycle(store, tmp_path):
-    from rlhf.comparisons import read_comparisons
-    from rlhf.feedback import refeed
+    import pyarrow.parquet as pq
+
+    from rlhf.comparisons import SCHEMA, read_comparisons
+    from rlhf.feedback import PROMPT_SCHEMA, refeed
 
     prompts_out, comparisons_out = tmp_path / "out" / "prompts.parquet", tmp_path / "out" / "comparisons.parquet"
     counts = refeed(store, str(prompts_out), str(comparisons_out))
@@ -136,9 +138,20 @@ def test_refeed_snapshots_the_store_for_the_next_cycle(store, tmp_path):
     assert list(pd.read_parquet(prompts_out)["prompt"]) == ["Explain rain to me", "Call me at [PHONE]", "What is 2+2?"]
     assert set(read_comparisons(comparisons_out)["source"]) == {"feedback:policy/1"}
 
+    # the same store gives the same bytes: DVC then finds collect's inputs unchanged and skips it and what follows
+    snapshots = [prompts_out.read_bytes(), comparisons_out.read_bytes()]
+    refeed(store, str(prompts_out), str(comparisons_out))
+    assert [prompts_out.read_bytes(), comparisons_out.read_bytes()] == snapshots
+
     nothing = refeed(f"sqlite:///{tmp_path / 'never-served.db'}", str(prompts_out), str(comparisons_out))
     assert nothing["refeed/store_found"] == 0 and len(pd.read_parquet(prompts_out)) == 0
     assert not (tmp_path / "never-served.db").exists()  # the snapshot does not create a store
+    # a fresh machine's empty snapshots have the columns and types of full ones, and are as stable
+    assert pq.read_schema(prompts_out).remove_metadata() == PROMPT_SCHEMA
+    assert pq.read_schema(comparisons_out).remove_metadata() == SCHEMA
+    empty = [prompts_out.read_bytes(), comparisons_out.read_bytes()]
+    refeed(f"sqlite:///{tmp_path / 'never-served.db'}", str(prompts_out), str(comparisons_out))
+    assert [prompts_out.read_bytes(), comparisons_out.read_bytes()] == empty
 
 
 def test_collect_takes_served_prompts_first_and_feedback_as_rows(tmp_path, monkeypatch):

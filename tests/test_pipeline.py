@@ -1,8 +1,10 @@
 """The backbone end to end on a tiny model: one cycle through the Prefect flow, then DVC and MLflow checked."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,9 @@ def cycle(tmp_path_factory, tiny_model_dir):
     from flows.cycle import rlhf_cycle
 
     project = make_tiny_project(tmp_path_factory.mktemp("cycle") / "project", tiny_model_dir)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["collect"]["sources"].append("feedback")  # as params.yaml's default: no server has run, nothing to add
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(project)
         mp.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
@@ -42,6 +47,12 @@ def test_the_flow_runs_every_stage_once(cycle):
     assert (project / "models/sft/model.safetensors").exists()
     metrics = json.loads((project / "metrics/sft.json").read_text())
     assert metrics["sft/val_loss_after"] < metrics["sft/val_loss_before"]
+    # a fresh machine: no feedback store yet, so the refeed writes empty snapshots and collect adds nothing from them
+    assert result["metrics"]["refeed"] == {"refeed/store_found": 0, "refeed/served_prompts": 0,
+                                           "refeed/prompts_with_pii": 0, "refeed/feedback_comparisons": 0}
+    assert result["metrics"]["collect"]["collect/feedback_comparisons"] == 0
+    assert result["metrics"]["collect"]["collect/served_prompts"] == 0
+    assert not (project / "data/feedback/feedback.db").exists()
 
 
 def test_mlflow_holds_one_parent_run_with_a_nested_run_per_stage(cycle):
@@ -66,12 +77,19 @@ def test_mlflow_holds_one_parent_run_with_a_nested_run_per_stage(cycle):
     assert {"sft.json", "sft_loss.csv"} <= {a.path for a in client.list_artifacts(sft.info.run_id)}
 
 
-def test_dvc_finds_everything_unchanged_and_records_the_hashes_we_tag(cycle):
+def test_dvc_reruns_only_the_refeed_and_records_the_hashes_we_tag(cycle):
+    from flows.cycle import PIPELINE
     from rlhf.tracking import dvc_md5
 
+    snapshots = ("data/feedback/served_prompts.parquet", "data/feedback/comparisons.parquet")
+    before = [hashlib.md5(Path(p).read_bytes()).hexdigest() for p in snapshots]
     again = dvc("repro")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "Running stage" not in again.stdout and "didn't change, skipping" in again.stdout
+    # the refeed reads the feedback store, so it always runs; its unchanged snapshots leave every later stage alone
+    assert re.findall(r"Running stage '(\w+)'", again.stdout) == ["refeed"], again.stdout
+    skipped = set(re.findall(r"Stage '(\w+)' didn't change, skipping", again.stdout))
+    assert skipped == set(PIPELINE) - {"refeed"}, again.stdout
+    assert [hashlib.md5(Path(p).read_bytes()).hexdigest() for p in snapshots] == before
 
     lock = yaml.safe_load(Path("dvc.lock").read_text())
     for dep in lock["stages"]["sft"]["deps"]:
@@ -85,4 +103,4 @@ def test_a_changed_param_reruns_only_the_stage_that_reads_it(cycle):
     params["promote"]["max_kl"] = 999.0
     Path("params.yaml").write_text(yaml.safe_dump(params))
     status = dvc("status", "--json")
-    assert set(json.loads(status.stdout)) == {"promote"}, status.stdout
+    assert set(json.loads(status.stdout)) == {"refeed", "promote"}, status.stdout  # refeed: always changed
