@@ -79,10 +79,10 @@ class SftParams:
 
 @dataclass(frozen=True)
 class CollectParams:
-    sources: list[Literal["policy", "import", "feedback"]] = _f(("policy",), "where comparisons come from, mixed: 'policy' (two samples per prompt, AI-judged), 'import' (a preference data set) and/or 'feedback' (the served model's users: their prompts join the pool first, their ratings become rows; from the refeed stage's snapshots in data/feedback/)", "must name at least one source, each once", lambda v: len(v) >= 1 and len(set(v)) == len(v))
+    sources: list[Literal["policy", "import", "feedback"]] = _f(("policy", "feedback"), "where comparisons come from, mixed: 'policy' (two samples per prompt, AI-judged), 'import' (a preference data set) and/or 'feedback' (the served model's users: their prompts join the pool first, their ratings become rows; from the refeed stage's snapshots in data/feedback/)", "must name at least one source, each once", lambda v: len(v) >= 1 and len(set(v)) == len(v))
     prompts: str = _f(EMBEDDED_PROMPTS, "prompt pool: 'embedded:prompts', a local .jsonl/.parquet file, or a hub dataset id")
     prompt_field: str = _f("prompt", "column of the pool holding the prompt")
-    num_prompts: int = _f(96, "prompts drawn from the pool (seeded); 0 takes them all", "must be >= 0", _non_negative)
+    num_prompts: int = _f(160, "prompts drawn from the pool (seeded); 0 takes them all", "must be >= 0", _non_negative)
     policy: str = _f("models/base", "checkpoint folder that samples the pairs (models/base is model.policy as prepared)")
     temperature: float = _f(0.9, "sampling temperature", "must be > 0; 0.7 to 1.0 is usual", _positive)
     top_p: float = _f(0.95, "nucleus sampling: keep the smallest token set with this much probability", "must lie in (0, 1]", lambda v: 0 < v <= 1)
@@ -95,9 +95,9 @@ class CollectParams:
     judge_max_chars: int = _f(1000, "characters the judge sees of the prompt (its end) and of each response (its start)", "must be >= 50", lambda v: v >= 50)
     judge_tie_margin: float = _f(0.05, "|log p(A) − log p(B)| (nats, after de-biasing) up to which one order's verdict is a tie", "must be >= 0", _non_negative)
     judge_debias: bool = _f(True, "subtract the judge's median preference for the first position (both orders, all pairs of the run) before reading each verdict")
-    judge_rubric: bool = _f(False, "add prompt relevance (all-MiniLM-L6-v2) and non-toxicity (alt-profanity-check) of each response to the verdict")
-    rubric_relevance_weight: float = _f(2.0, "log-odds added per unit of cosine-relevance difference when judge_rubric is on", "must be >= 0", _non_negative)
-    rubric_toxicity_weight: float = _f(2.0, "log-odds taken off per unit of toxicity-probability difference when judge_rubric is on", "must be >= 0", _non_negative)
+    judge_rubric: bool = _f(True, "add prompt relevance (all-MiniLM-L6-v2) and non-toxicity (alt-profanity-check) of each response to the verdict")
+    rubric_relevance_weight: float = _f(8.0, "log-odds added per unit of cosine-relevance difference when judge_rubric is on", "must be >= 0", _non_negative)
+    rubric_toxicity_weight: float = _f(8.0, "log-odds taken off per unit of toxicity-probability difference when judge_rubric is on", "must be >= 0", _non_negative)
     import_data: str = _f("", "preference set to import: a .jsonl/.jsonl.gz/.parquet file, a folder of them, or a hub dataset id")
     import_format: Literal["hh-rlhf", "pairs", "comparisons"] = _f("hh-rlhf", "'hh-rlhf': Anthropic chosen/rejected transcripts; 'pairs': prompt/chosen/rejected columns; 'comparisons': rows already in the comparison schema")
     import_prompt_field: str = _f("prompt", "column holding the prompt ('pairs')")
@@ -142,8 +142,8 @@ class RewardModelParams:
 
 @dataclass(frozen=True)
 class PpoParams:
-    prompts: str = _f("comparisons", "training prompts: 'comparisons' (the distinct prompts of the comparisons' train split) or a local .jsonl/.parquet file with a `prompt` column")
-    iterations: int = _f(20, "PPO iterations (sample a batch, score it, update)", "must be >= 1", _positive)
+    prompts: str = _f(EMBEDDED_PROMPTS, "training prompts, less every test-split prompt: 'embedded:prompts' (the project's pool), 'comparisons' (the distinct prompts of the comparisons' train split) or a local .jsonl/.parquet file with a `prompt` column")
+    iterations: int = _f(30, "PPO iterations (sample a batch, score it, update)", "must be >= 1", _positive)
     batch_size: int = _f(8, "prompts sampled per iteration, one response each", "must be >= 1 and no larger than the number of training prompts", _positive)
     minibatch_size: int = _f(4, "responses per gradient step", "must be >= 1 and divide ppo.batch_size", _positive)
     ppo_epochs: int = _f(2, "passes of minibatch updates over each iteration's batch", "must be >= 1", _positive)

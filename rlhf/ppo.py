@@ -27,6 +27,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from transformers import AutoModelForSequenceClassification, get_linear_schedule
 from rlhf import tracking
 from rlhf.comparisons import read_comparisons
 from rlhf.models import count_parameters, load_causal_lm, load_tokenizer, resolve_precision, save_checkpoint
-from rlhf.params import ParamError, PpoParams, load_params
+from rlhf.params import EMBEDDED_PROMPTS, ParamError, PpoParams, load_params
 from rlhf.reward_model import TokenScorer, load_reward_model, pad_right, rewards
 
 SFT_DIR = "models/sft"
@@ -158,11 +159,15 @@ def distinct_prompts(path: str | Path) -> list[str]:
 def load_train_prompts(source: str) -> list[str]:
     if source == "comparisons":
         return distinct_prompts(TRAIN_COMPARISONS)
+    if source == EMBEDDED_PROMPTS:
+        text = resources.files("rlhf.data").joinpath("prompts.jsonl").read_text(encoding="utf-8")
+        return list(dict.fromkeys(json.loads(line)["prompt"] for line in text.splitlines() if line.strip()))
     path = Path(source)
     if not path.exists() or path.suffix not in (".jsonl", ".parquet"):
         raise ParamError(
-            f"params.yaml: ppo.prompts is '{source}', which is neither 'comparisons' nor an existing .jsonl/.parquet "
-            "file. Use 'comparisons' (the prompts of the comparisons' train split) or a file with a `prompt` column."
+            f"params.yaml: ppo.prompts is '{source}', which is neither '{EMBEDDED_PROMPTS}', 'comparisons' nor an existing "
+            ".jsonl/.parquet file. Use '{EMBEDDED_PROMPTS}' (the project's prompt pool), 'comparisons' (the prompts of the "
+            "comparisons' train split) or a file with a `prompt` column."
         )
     import pandas as pd
 
