@@ -180,15 +180,15 @@ def test_sampler_is_seeded_and_drops_identical_pairs_with_a_count(tiny_lm):
 
 
 def test_prompt_pool_is_drawn_with_the_seed(tmp_path):
-    embedded = load_prompts(CollectParams(num_prompts=5, seed=1))
-    assert embedded == load_prompts(CollectParams(num_prompts=5, seed=1)) and len(set(embedded)) == 5
+    embedded = load_prompts(CollectParams(sources=("policy",), num_prompts=5, seed=1))
+    assert embedded == load_prompts(CollectParams(sources=("policy",), num_prompts=5, seed=1)) and len(set(embedded)) == 5
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a?", "b?", "a?"]))
-    assert sorted(load_prompts(CollectParams(prompts=str(pool), prompt_field="text", num_prompts=0))) == ["a?", "b?"]
+    assert sorted(load_prompts(CollectParams(sources=("policy",), prompts=str(pool), prompt_field="text", num_prompts=0))) == ["a?", "b?"]
     with pytest.raises(ParamError, match="collect.num_prompts is 3, but the prompt pool holds 2 distinct"):
-        load_prompts(CollectParams(prompts=str(pool), prompt_field="text", num_prompts=3))
+        load_prompts(CollectParams(sources=("policy",), prompts=str(pool), prompt_field="text", num_prompts=3))
     with pytest.raises(ParamError, match=r"`prompt` is None"):
-        load_prompts(CollectParams(prompts=str(pool), num_prompts=0))
+        load_prompts(CollectParams(sources=("policy",), prompts=str(pool), num_prompts=0))
 
 
 # ---- import ----------------------------------------------------------------------------------

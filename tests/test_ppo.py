@@ -374,5 +374,7 @@ def test_training_prompts_from_a_file_never_include_a_test_prompt(tmp_path, monk
     source.write_text('{"prompt": "p0"}\n{"prompt": "p1"}\n{"prompt": "p3"}\n{"prompt": "p0"}\n{"prompt": " "}\n')
     train_prompts, heldout = ppo.held_out_prompts(ppo.load_train_prompts(str(source)), 10, seed=0)
     assert train_prompts == ["p0", "p3"] and sorted(heldout) == ["p1", "p2"]
-    with pytest.raises(ParamError, match=r"ppo.prompts is 'nowhere.txt', which is neither 'comparisons' nor"):
+    with pytest.raises(ParamError, match=r"ppo.prompts is 'nowhere.txt', which is neither 'embedded:prompts', 'comparisons' nor"):
         ppo.load_train_prompts("nowhere.txt")
+    pool = ppo.load_train_prompts("embedded:prompts")  # the project's pool, as collect draws from it
+    assert len(pool) == len(set(pool)) > 300 and all(p.strip() for p in pool)
