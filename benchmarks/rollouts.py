@@ -1,0 +1,432 @@
+"""PPO rollouts: the sampler's generated tokens/s against plain `model.generate`, and the honest speed-ups.
+
+The policy is built as the ppo stage builds it (rlhf.ppo.build_policy: models/sft in the compute dtype with
+an unmerged LoRA adapter from params.yaml). Its LoRA B matrices start at zero, which would make merging free
+of rounding, so they get small seeded random values first (as after some PPO updates). Every variant samples
+the same prompts (the ppo stage's training prompts, cycled, left-padded, rlhf.ppo.encode_prompt) at
+temperature 1 from the full distribution (top_k=0, top_p=1), max_new_tokens from params.yaml, KV cache on,
+the same seed. Variants, timed in turns so they see the same machine:
+
+  generate       plain model.generate on the PEFT-wrapped policy (no autocast): the reference
+  sampler        rlhf.ppo.sample_responses as rollout() calls it: inside accelerator.autocast()
+  sampler_noac   sample_responses without autocast (the base is already bf16; the LoRA weights stay fp32)
+  premerged      sample_responses on the policy with LoRA already merged (merging not timed): the ceiling
+  merged         merge_adapter() before sample_responses and unmerge_adapter() after, both inside the timing
+  merged_exact   as merged, but the base weights are saved before the merge and copied back after, so the
+                 policy ends bit-identical (unmerge in bf16 leaves rounding drift: reported as `unmerge_drift`)
+  merged_noac    merged_exact without autocast (every weight the generation touches is then bf16 already)
+  merged_static  merged_exact + a static KV cache (cache_implementation="static")
+
+Throughput is decoded positions per second (batch × steps the batch ran, prefill included in the time);
+response tokens (up to the first EOS) per second are reported too, but they depend on where EOS was sampled.
+
+`merged` (peft's unmerge) is left out by default: its drift and its merge + unmerge time are reported apart.
+
+From the repository root (estimates for 2 quiet cores):
+
+    nice -n 10 .venv/bin/python benchmarks/rollouts.py                  # ~4-5 minutes; --rounds 2: ~8
+    nice -n 10 .venv/bin/python benchmarks/rollouts.py --smoke          # batch 1 and 8, 16 new tokens, ~1 minute
+    nice -n 10 .venv/bin/python benchmarks/rollouts.py --profile-ppo    # ~3 minutes: a PPO iteration (rollout +
+        update) of the stage's code and of the proposed changes (PPO_VARIANTS), each under torch.profiler;
+        --ppo-full for ppo.lora_r = 0, --shapes to list ops by input shape
+
+writes benchmarks/results/rollouts.json (rollouts_smoke.json, rollouts_profile_ppo[_full].json) and logs the figures to the project's
+MLflow store, experiment "benchmarks".
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from rlhf import tracking  # noqa: E402
+from rlhf.models import load_tokenizer, resolve_precision  # noqa: E402
+from rlhf.params import load_params  # noqa: E402
+from rlhf.ppo import (TRAIN_COMPARISONS, build_policy, distinct_prompts, encode_prompt, pad_left,  # noqa: E402
+                      sample_responses)
+
+RESULTS = REPO / "benchmarks" / "results"
+SFT = REPO / "models" / "sft"
+VARIANTS = ("generate", "sampler", "sampler_noac", "premerged", "merged", "merged_exact", "merged_noac", "merged_static")
+DEFAULT_VARIANTS = ("generate", "sampler", "sampler_noac", "premerged", "merged_exact", "merged_noac", "merged_static")
+
+
+# ------------------------------------------------------------------------------------------------
+# The ways to sample
+# ------------------------------------------------------------------------------------------------
+
+def plain_generate(policy, query, query_mask, max_new_tokens: int, eos_id: int, pad_id: int, **extra):
+    return policy.generate(input_ids=query, attention_mask=query_mask, do_sample=True, temperature=1.0, top_k=0,
+                           top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id, **extra)
+
+
+def lora_layers(policy):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in policy.modules() if isinstance(m, LoraLayer)]
+
+
+@contextlib.contextmanager
+def merged(policy, exact: bool):
+    """LoRA folded into the base weights while inside; afterwards unmerged (peft), or restored bit-exactly."""
+    saved = [(m.get_base_layer().weight, m.get_base_layer().weight.detach().clone()) for m in lora_layers(policy)] if exact else []
+    policy.merge_adapter()
+    try:
+        yield
+    finally:
+        if exact:
+            for layer in lora_layers(policy):
+                layer.merged_adapters = []
+            with torch.no_grad():
+                for weight, copy in saved:
+                    weight.copy_(copy)
+        else:
+            policy.unmerge_adapter()
+
+
+def sample(variant: str, policy, accelerator, query, query_mask, max_new_tokens: int, eos_id: int, pad_id: int):
+    """The sampled ids (B, steps) of one rollout batch, the `variant` way (prompt cut off)."""
+    if variant == "generate":
+        return plain_generate(policy, query, query_mask, max_new_tokens, eos_id, pad_id)[:, query.size(1):]
+    if variant == "sampler_noac":
+        return sample_responses(policy, query, query_mask, max_new_tokens, 1.0, eos_id, pad_id)[0]
+    if variant == "sampler":
+        with accelerator.autocast():
+            return sample_responses(policy, query, query_mask, max_new_tokens, 1.0, eos_id, pad_id)[0]
+    if variant == "premerged":  # measure() merged it outside the timing
+        with accelerator.autocast():
+            return sample_responses(policy, query, query_mask, max_new_tokens, 1.0, eos_id, pad_id)[0]
+    if variant == "merged_noac":
+        with merged(policy, exact=True):
+            return sample_responses(policy, query, query_mask, max_new_tokens, 1.0, eos_id, pad_id)[0]
+    with merged(policy, exact=variant != "merged"), accelerator.autocast():
+        if variant == "merged_static":
+            return plain_generate(policy, query, query_mask, max_new_tokens, eos_id, pad_id,
+                                  cache_implementation="static")[:, query.size(1):]
+        return sample_responses(policy, query, query_mask, max_new_tokens, 1.0, eos_id, pad_id)[0]
+
+
+def unmerge_drift(policy, rounds: int) -> dict:
+    """How far `rounds` peft merge_adapter()/unmerge_adapter() cycles move the bf16 base weights."""
+    layers = lora_layers(policy)
+    before = [m.get_base_layer().weight.detach().clone() for m in layers]
+    for _ in range(rounds):
+        policy.merge_adapter()
+        policy.unmerge_adapter()
+    diffs = [(m.get_base_layer().weight.detach().float() - b.float()) for m, b in zip(layers, before)]
+    changed = sum(int((d != 0).sum()) for d in diffs)
+    total = sum(d.numel() for d in diffs)
+    with torch.no_grad():  # put the weights back so later variants sample from the same policy
+        for m, b in zip(layers, before):
+            m.get_base_layer().weight.copy_(b)
+    return {"rounds": rounds, "weights_changed_share": round(changed / total, 4),
+            "max_abs_change": float(max(d.abs().max() for d in diffs)),
+            "mean_abs_change": float(sum(d.abs().sum() for d in diffs) / total)}
+
+
+def merge_seconds(policy, repeats: int) -> dict:
+    """Best wall time of one merge + unmerge cycle: peft's unmerge, and the exact save/restore."""
+    figures = {}
+    for name, exact in (("merge_unmerge_seconds", False), ("merge_restore_seconds", True)):
+        best = float("inf")
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            with merged(policy, exact=exact):
+                pass
+            best = min(best, time.perf_counter() - tic)
+        figures[name] = round(best, 4)
+    return figures
+
+
+def perturb_lora(policy, scale: float, seed: int) -> None:
+    """LoRA B starts at zero; give it seeded values of a trained adapter's size so merging is not a no-op."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# The measurement
+# ------------------------------------------------------------------------------------------------
+
+def queries(tokenizer, prompts: list[str], batch: int, max_prompt_len: int):
+    ids = [encode_prompt(tokenizer, prompts[i % len(prompts)], max_prompt_len) for i in range(batch)]
+    return pad_left(ids, tokenizer.pad_token_id)
+
+
+def measure(args, policy, accelerator, tokenizer, prompts, max_prompt_len: int) -> dict:
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    figures = {}
+    for batch in args.batches:
+        query, query_mask = queries(tokenizer, prompts, batch, max_prompt_len)
+        for variant in args.variants:  # warm-up: first calls allocate caches and pick kernels
+            torch.manual_seed(0)
+            with merged(policy, exact=True) if variant == "premerged" else contextlib.nullcontext():
+                sample(variant, policy, accelerator, query[:, -8:], query_mask[:, -8:], 4, eos, pad)
+        sums = {v: {"seconds": 0.0, "decoded": 0, "responses": 0} for v in args.variants}
+        for r in range(args.rounds):
+            for variant in args.variants:  # in turns, so a change in the machine's load hits every variant alike
+                torch.manual_seed(args.seed + r)
+                with merged(policy, exact=True) if variant == "premerged" else contextlib.nullcontext():
+                    tic = time.perf_counter()
+                    responses = sample(variant, policy, accelerator, query, query_mask, args.max_new_tokens, eos, pad)
+                    sums[variant]["seconds"] += time.perf_counter() - tic
+                sums[variant]["decoded"] += responses.numel()
+                is_eos = responses == eos
+                first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, responses.size(1))
+                sums[variant]["responses"] += int(first.sum())
+        base = sums["generate"]["decoded"] / sums["generate"]["seconds"] if "generate" in sums else None
+        figures[f"batch_{batch}"] = {
+            v: {"seconds": round(s["seconds"], 3), "decoded_tokens": s["decoded"], "response_tokens": s["responses"],
+                "decoded_tokens_per_s": round(s["decoded"] / s["seconds"], 1),
+                "response_tokens_per_s": round(s["responses"] / s["seconds"], 1),
+                **({"over_generate": round(s["decoded"] / s["seconds"] / base, 3)} if base else {})}
+            for v, s in sums.items()}
+        print(f"batch {batch:3d}: " + "  ".join(f"{v} {f['decoded_tokens_per_s']:.0f} tok/s"
+                                                + (f" ({f['over_generate']:.2f}x)" if base else "")
+                                                for v, f in figures[f"batch_{batch}"].items()), flush=True)
+    return figures
+
+
+def contiguous_head_policy_forward(model, query, query_mask, responses, response_mask, temperature: float,
+                                   with_hidden: bool):
+    """rlhf.ppo.policy_forward with one change: `logits_to_keep` as a tensor of positions instead of an int.
+
+    An int makes transformers slice hidden[:, -k:], a non-contiguous view; F.linear on it falls back to a
+    bmm that first copies the (V, H) LM-head weight once per row (B × 28M values, forward and backward).
+    Positions gather the same rows into a contiguous tensor, so the LM head is one plain matmul.
+    """
+    input_ids = torch.cat([query, responses], dim=1)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    n, width = responses.size(1), input_ids.size(1)
+    keep = torch.arange(width - n - 1, width, device=input_ids.device)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                output_hidden_states=with_hidden, logits_to_keep=keep)
+    logits = out.logits[:, :-1].float() / temperature
+    hidden = out.hidden_states[-1][:, -n - 1:-1] if with_hidden else None
+    return logits, hidden
+
+
+def merged_sample_responses(model, query, query_mask, max_new_tokens: int, temperature: float, eos_id: int,
+                            pad_id: int):
+    """rlhf.ppo.sample_responses on the LoRA policy with its adapter merged into the bf16 base weights (restored
+    exactly after) and autocast off, as the proposed rollout() does; a full fine-tuned policy is left as is."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return sample_responses(model, query, query_mask, max_new_tokens, temperature, eos_id, pad_id)
+    with merged(model, exact=True), torch.autocast(query.device.type, enabled=False):
+        return sample_responses(model, query, query_mask, max_new_tokens, temperature, eos_id, pad_id)
+
+
+PPO_VARIANTS = {  # what each variant puts in place of rlhf.ppo's functions, inside this process only
+    "stage": {},
+    "contiguous_head": {"policy_forward": contiguous_head_policy_forward},
+    "proposed": {"policy_forward": contiguous_head_policy_forward,  # both changes of the proposed diff
+                 "sample_responses": merged_sample_responses},
+}
+
+
+def profile_ppo_iteration(args, params) -> dict:
+    """PPO iterations (rollout + update), built as rlhf.ppo.train builds them: each variant in PPO_VARIANTS gets
+    a warm-up iteration and a timed one under torch.profiler."""
+    from accelerate import Accelerator
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from rlhf import ppo
+    from rlhf.reward_model import load_reward_model
+
+    p = dataclasses.replace(params.ppo, max_new_tokens=args.max_new_tokens or params.ppo.max_new_tokens,
+                            lora_r=0 if args.ppo_full else params.ppo.lora_r)
+    dtype = resolve_precision(params.model.precision)
+    accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+    tokenizer = load_tokenizer(SFT)
+    policy, reference = build_policy(str(SFT), dtype, p)
+    reward_model, stats = load_reward_model(REPO / "models" / "reward", dtype)
+    reward_model.eval().requires_grad_(False)
+    value_model = ppo.build_value_model(p, str(REPO / "models" / "reward"), dtype, policy.config.hidden_size)
+    trainable = list(ppo._trainable(policy).values()) + list(ppo._trainable(value_model).values())
+    optimizer = torch.optim.AdamW(trainable, lr=p.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    policy, value_model, optimizer, scheduler = accelerator.prepare(policy, value_model, optimizer, scheduler)
+    if reference is not None:
+        reference.to(accelerator.device)
+    models = ppo.Models(accelerator, policy, reference, value_model, reward_model, stats, tokenizer,
+                        ppo.reply_suffix(tokenizer))
+    prompts = distinct_prompts(REPO / TRAIN_COMPARISONS)
+    originals = {name: getattr(ppo, name) for name in ("policy_forward", "sample_responses")}
+
+    def iteration(i: int) -> dict:
+        torch.manual_seed(p.seed + i)
+        tic = time.perf_counter()
+        with record_function("ppo/rollout"):
+            batch = ppo.rollout(models, p, [prompts[(i * p.batch_size + k) % len(prompts)] for k in range(p.batch_size)])
+        rollout_s = time.perf_counter() - tic
+        mask = batch["mask"].float()
+        score = models.normalised(batch["raw_score"]) - p.no_eos_penalty * (~batch["ended"]).float()
+        rewards = ppo.token_rewards(score, batch["logp_old"], batch["logp_ref"], p.kl_coef, mask)
+        advantages, returns = ppo.gae(rewards, batch["values_old"], mask, p.gamma, p.lam)
+        tic = time.perf_counter()
+        with record_function("ppo/update"):
+            ppo.ppo_update(models, p, optimizer, scheduler, trainable, batch, ppo.whiten(advantages, mask), returns)
+        update_s = time.perf_counter() - tic
+        return {"generation_seconds": round(batch["generation_seconds"], 2), "rollout_seconds": round(rollout_s, 2),
+                "update_seconds": round(update_s, 2), "iteration_seconds": round(rollout_s + update_s, 2),
+                "response_tokens": int(mask.sum())}
+
+    results = {}
+    for variant in args.ppo_variants:
+        for name, function in {**originals, **PPO_VARIANTS[variant]}.items():
+            setattr(ppo, name, function)
+        iteration(0)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
+            phases = iteration(1)
+        averages = [e for e in prof.key_averages() if not e.key.startswith("ppo/")]
+        averages.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in averages)
+        top = [{"op": e.key, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 1),
+                "share": round(e.self_cpu_time_total / total, 4), "calls": e.count} for e in averages[:args.top]]
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+        if args.shapes:
+            print(prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=30, max_shapes_column_width=70))
+        print(f"{variant}: one PPO iteration (lora_r={p.lora_r}, batch {p.batch_size}, {p.max_new_tokens} new tokens): "
+              f"{phases}", flush=True)
+        results[variant] = {"phases": phases, "self_cpu_ms_total": round(total / 1e3, 1), "top": top}
+    for name, function in originals.items():
+        setattr(ppo, name, function)
+    ratios = {f"{v}_over_stage": round(results["stage"]["phases"]["iteration_seconds"]
+                                       / results[v]["phases"]["iteration_seconds"], 3)
+              for v in results if v != "stage" and "stage" in results}
+    print("PPO iteration speed-up over the stage's code (time ratio, profiled): "
+          + "  ".join(f"{k} {x:.2f}x" for k, x in ratios.items()))
+    return {"max_new_tokens": p.max_new_tokens, "lora_r": p.lora_r, "variants": results, "ratios": ratios}
+
+
+# ------------------------------------------------------------------------------------------------
+# Reporting
+# ------------------------------------------------------------------------------------------------
+
+def machine() -> dict:
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "load_average_at_end": os.getloadavg()}
+
+
+def command(argv: list[str]) -> str:
+    prefix = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    return prefix + "nice -n 10 .venv/bin/python benchmarks/rollouts.py " + " ".join(argv)
+
+
+def write(out: Path, figures: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(figures, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {out.relative_to(REPO)}")
+
+
+def log_to_mlflow(run_name: str, config: dict, metrics: dict, artifact: Path) -> None:
+    """One run in the experiment "benchmarks" of the project's tracking store."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    if mlflow.get_experiment_by_name("benchmarks") is None:
+        location = None if "MLFLOW_TRACKING_URI" in os.environ else (REPO / "mlartifacts").as_uri()
+        mlflow.create_experiment("benchmarks", artifact_location=location)
+    mlflow.set_experiment("benchmarks")
+    with mlflow.start_run(run_name=run_name, tags={"git.commit": tracking.git_commit()}):
+        mlflow.log_params(config)
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(artifact))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: ppo.max_new_tokens")
+    parser.add_argument("--rounds", type=int, default=1, help="timed rollouts per variant and batch size")
+    parser.add_argument("--lora-b-scale", type=float, default=0.01, help="std of the seeded LoRA B values")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="batches 1 and 8, 16 new tokens, 1 round")
+    parser.add_argument("--profile-ppo", action="store_true", help="profile one PPO iteration instead")
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--shapes", action="store_true", help="--profile-ppo: also list ops by input shape")
+    parser.add_argument("--ppo-variants", default=",".join(PPO_VARIANTS), help="--profile-ppo: which code to time")
+    parser.add_argument("--ppo-full", action="store_true", help="--profile-ppo: ppo.lora_r = 0 (full fine-tuning)")
+    args = parser.parse_args(argv)
+    params = load_params(REPO / "params.yaml")
+
+    if args.profile_ppo:
+        args.ppo_variants = [v for v in args.ppo_variants.split(",") if v]
+        if set(args.ppo_variants) - set(PPO_VARIANTS):
+            parser.error(f"--ppo-variants: choose from {', '.join(PPO_VARIANTS)}")
+        result = profile_ppo_iteration(args, params)
+        out = RESULTS / ("rollouts_profile_ppo_full.json" if args.ppo_full else "rollouts_profile_ppo.json")
+        config = {"ppo": params.section("ppo"), "ppo_variants": args.ppo_variants}
+        write(out, {"command": command(argv), "config": config, "machine": machine(), **result})
+        metrics = {f"{v}/{k}": float(x) for v, r in result["variants"].items() for k, x in r["phases"].items()}
+        metrics.update({f"ratio/{k}": float(x) for k, x in result["ratios"].items()})
+        log_to_mlflow(out.stem, {"ppo_variants": ",".join(args.ppo_variants), "lora_r": result["lora_r"],
+                                 "max_new_tokens": result["max_new_tokens"]}, metrics, out)
+        return 0
+
+    if args.smoke:
+        args.batches, args.max_new_tokens, args.rounds = "1,8", args.max_new_tokens or 16, 1
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.variants = [v for v in args.variants.split(",") if v]
+    if set(args.variants) - set(VARIANTS):
+        parser.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    args.max_new_tokens = args.max_new_tokens or params.ppo.max_new_tokens
+
+    from accelerate import Accelerator
+
+    dtype = resolve_precision(params.model.precision)
+    accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+    tokenizer = load_tokenizer(SFT)
+    policy, _ = build_policy(str(SFT), dtype, params.ppo)
+    perturb_lora(policy, args.lora_b_scale, args.seed)
+    policy.eval()
+    prompts = distinct_prompts(REPO / TRAIN_COMPARISONS)
+    drift = unmerge_drift(policy, rounds=20)
+    drift.update(merge_seconds(policy, repeats=3))
+    print(f"peft merge_adapter/unmerge_adapter x20 in {dtype}: {drift}", flush=True)
+    figures = measure(args, policy, accelerator, tokenizer, prompts, params.ppo.max_prompt_len)
+
+    config = {"policy": "models/sft + LoRA (rlhf.ppo.build_policy)", "dtype": str(dtype), "lora_r": params.ppo.lora_r,
+              "lora_b_scale": args.lora_b_scale, "max_new_tokens": args.max_new_tokens, "temperature": 1.0,
+              "batches": args.batches, "rounds": args.rounds, "prompts": f"{len(prompts)} distinct, cycled"}
+    report = {"command": command(argv), "config": config, "machine": machine(), "unmerge_drift": drift,
+              "throughput": figures}
+    out = RESULTS / ("rollouts_smoke.json" if args.smoke else "rollouts.json")
+    write(out, report)
+    metrics = {f"b{b}/{v}/{k}": float(f[k]) for b in args.batches for v, f in figures[f"batch_{b}"].items()
+               for k in ("decoded_tokens_per_s", "over_generate") if k in f}
+    log_to_mlflow("rollouts" + ("_smoke" if args.smoke else ""), config, metrics, out)
+    best = {b: max((v for v in args.variants if v != "generate"),
+                   key=lambda v: figures[f"batch_{b}"][v]["decoded_tokens_per_s"]) for b in args.batches}
+    print("rollout tokens/s over plain generate on the PEFT policy: " + "; ".join(
+        f"batch {b}: sampler {figures[f'batch_{b}']['sampler']['over_generate']:.2f}x, best {best[b]} "
+        f"{figures[f'batch_{b}'][best[b]]['over_generate']:.2f}x" for b in args.batches
+        if "generate" in args.variants and "sampler" in args.variants))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
