@@ -230,6 +230,28 @@ def reply_suffix(tokenizer) -> list[int]:
 # Rollouts
 # ------------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def lora_merged(model):
+    """The LoRA update folded into the base weights while inside, so generation runs plain bf16 linears; the
+    base weights are copied back after, bit-exact (peft's unmerge_adapter in bf16 leaves rounding drift)."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, PeftModel):
+        yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, weight in zip(layers, saved):
+                layer.get_base_layer().weight.copy_(weight)
+                layer.merged_adapters = []
+
+
 @torch.no_grad()
 def sample_responses(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, temperature: float,
                      eos_id: int, pad_id: int):
@@ -257,9 +279,12 @@ def policy_forward(model, query, query_mask, responses, response_mask, temperatu
     input_ids = torch.cat([query, responses], dim=1)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    n = responses.size(1)
+    n, width = responses.size(1), input_ids.size(1)
+    # positions, not an int: an int slices hidden[:, -k:], a non-contiguous view, and F.linear on it falls
+    # back to a bmm that copies the (V, H) LM-head weight once per row, forward and backward
+    keep = torch.arange(width - n - 1, width, device=input_ids.device)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                output_hidden_states=with_hidden, logits_to_keep=n + 1)
+                output_hidden_states=with_hidden, logits_to_keep=keep)
     logits = out.logits[:, :-1].float() / temperature  # position t predicts response token t
     hidden = out.hidden_states[-1][:, -n - 1:-1] if with_hidden else None
     return logits, hidden
@@ -460,11 +485,13 @@ def rollout(models: Models, params: PpoParams, prompts: list[str]) -> dict:
     query, query_mask = encode_queries(models, prompts, params.max_prompt_len)
     models.policy.eval()
     tic = time.perf_counter()
+    policy = acc.unwrap_model(models.policy)
+    # LoRA merged: every weight generation touches is bf16 already, and autocast's per-step casts cost ~1/3
+    with lora_merged(policy), (acc.autocast() if models.reference is not None else contextlib.nullcontext()):
+        responses, mask, ended = sample_responses(policy, query, query_mask, params.max_new_tokens,
+                                                  params.temperature, tok.eos_token_id, tok.pad_token_id)
+    generation_seconds = time.perf_counter() - tic
     with acc.autocast():
-        responses, mask, ended = sample_responses(acc.unwrap_model(models.policy), query, query_mask,
-                                                  params.max_new_tokens, params.temperature, tok.eos_token_id,
-                                                  tok.pad_token_id)
-        generation_seconds = time.perf_counter() - tic
         with_hidden = params.value_model == "head"
         logits, hidden = policy_forward(models.policy, query, query_mask, responses, mask, params.temperature, with_hidden)
         batch = {

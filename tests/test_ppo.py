@@ -378,3 +378,22 @@ def test_training_prompts_from_a_file_never_include_a_test_prompt(tmp_path, monk
         ppo.load_train_prompts("nowhere.txt")
     pool = ppo.load_train_prompts("embedded:prompts")  # the project's pool, as collect draws from it
     assert len(pool) == len(set(pool)) > 300 and all(p.strip() for p in pool)
+
+
+def test_lora_merged_generates_with_the_policy_and_restores_the_base_weights_bit_exact(tiny_model_dir):
+    policy, _ = ppo.build_policy(str(tiny_model_dir), torch.bfloat16, PpoParams(lora_r=4, lora_alpha=8))
+    with torch.no_grad():  # a non-zero adapter, as after some PPO updates
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    ids = torch.randint(0, policy.config.vocab_size, (2, 12))
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    with torch.no_grad():
+        unmerged = policy(input_ids=ids).logits.float()
+        with ppo.lora_merged(policy):
+            merged = policy(input_ids=ids).logits.float()
+        after = policy(input_ids=ids).logits.float()
+    assert torch.allclose(merged, unmerged, atol=0.1)  # the same policy, up to bf16 rounding of W + BA
+    assert not torch.equal(merged, unmerged)  # the merge really happened
+    assert torch.equal(after, unmerged)
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
