@@ -175,18 +175,12 @@ def main(argv: list[str] | None = None) -> int:
               "target": {"ppo_lora_over_sft_lora_below": 1.5,
                          "met": ratios.get("ppo_lora_over_sft_lora", float("inf")) < 1.5}}
     out = RESULTS / ("memory_smoke.json" if args.smoke else "memory.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"wrote {out.relative_to(REPO)}")
-
     sys.path.insert(0, str(REPO))
-    from benchmarks.rollouts import log_to_mlflow
+    from benchmarks.record import save
 
     metrics = {f"{c}/peak_rss_mib": float(f["vm_hwm_mib"]) for c, f in figures.items()}
     metrics.update({f"ratio/{k}": float(v) for k, v in ratios.items()})
-    log_to_mlflow("memory" + ("_smoke" if args.smoke else ""), report["config"], metrics, out)
+    save(out.stem, report, metrics, out, params=report["config"])
     print("peak RSS: " + "  ".join(f"{c} {f['vm_hwm_mib']:.0f} MiB" for c, f in figures.items()) + "; "
           + "  ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     return 0

@@ -36,14 +36,15 @@ def _numbers(values: dict, prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def save(name: str, report: dict, figures: dict, out: str | Path | None = None) -> Path:
+def save(name: str, report: dict, figures: dict, out: str | Path | None = None, params: dict | None = None) -> Path:
     """Write `report` as JSON (to `out`, or benchmarks/results/<name>.json) and log `figures` (nested dicts of
-    numbers) to MLflow as the metrics of one run named `name`, with the JSON as an artifact."""
+    numbers) to MLflow as the metrics of one run named `name`, with `params` and the JSON as an artifact."""
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".json.partial")
     partial.write_text(json.dumps(report, indent=2) + "\n")
     partial.replace(path)
+    print(f"wrote {path}")
 
     import mlflow
 
@@ -61,6 +62,8 @@ def save(name: str, report: dict, figures: dict, out: str | Path | None = None) 
         with mlflow.start_run(run_name=name, tags={"rlhf.kind": "benchmark", "git.commit": tracking.git_commit(),
                                                    "command": report.get("command", command())[:5000]}):
             mlflow.log_metrics(_numbers(figures))
+            if params:
+                mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             mlflow.log_artifact(str(path))
     finally:
         os.chdir(here)

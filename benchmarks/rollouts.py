@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -50,7 +49,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rlhf import tracking  # noqa: E402
+from benchmarks.record import save  # noqa: E402
 from rlhf.models import load_tokenizer, resolve_precision  # noqa: E402
 from rlhf.params import load_params  # noqa: E402
 from rlhf.ppo import (TRAIN_COMPARISONS, build_policy, distinct_prompts, encode_prompt, pad_left,  # noqa: E402
@@ -331,27 +330,8 @@ def command(argv: list[str]) -> str:
     return prefix + "nice -n 10 .venv/bin/python benchmarks/rollouts.py " + " ".join(argv)
 
 
-def write(out: Path, figures: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(figures, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"wrote {out.relative_to(REPO)}")
 
 
-def log_to_mlflow(run_name: str, config: dict, metrics: dict, artifact: Path) -> None:
-    """One run in the experiment "benchmarks" of the project's tracking store."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    if mlflow.get_experiment_by_name("benchmarks") is None:
-        location = None if "MLFLOW_TRACKING_URI" in os.environ else (REPO / "mlartifacts").as_uri()
-        mlflow.create_experiment("benchmarks", artifact_location=location)
-    mlflow.set_experiment("benchmarks")
-    with mlflow.start_run(run_name=run_name, tags={"git.commit": tracking.git_commit()}):
-        mlflow.log_params(config)
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(artifact))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,11 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         result = profile_ppo_iteration(args, params)
         out = RESULTS / ("rollouts_profile_ppo_full.json" if args.ppo_full else "rollouts_profile_ppo.json")
         config = {"ppo": params.section("ppo"), "ppo_variants": args.ppo_variants}
-        write(out, {"command": command(argv), "config": config, "machine": machine(), **result})
         metrics = {f"{v}/{k}": float(x) for v, r in result["variants"].items() for k, x in r["phases"].items()}
         metrics.update({f"ratio/{k}": float(x) for k, x in result["ratios"].items()})
-        log_to_mlflow(out.stem, {"ppo_variants": ",".join(args.ppo_variants), "lora_r": result["lora_r"],
-                                 "max_new_tokens": result["max_new_tokens"]}, metrics, out)
+        save(out.stem, {"command": command(argv), "config": config, "machine": machine(), **result}, metrics, out,
+             params={"ppo_variants": ",".join(args.ppo_variants), "lora_r": result["lora_r"],
+                     "max_new_tokens": result["max_new_tokens"]})
         return 0
 
     if args.smoke:
@@ -415,10 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": command(argv), "config": config, "machine": machine(), "unmerge_drift": drift,
               "throughput": figures}
     out = RESULTS / ("rollouts_smoke.json" if args.smoke else "rollouts.json")
-    write(out, report)
     metrics = {f"b{b}/{v}/{k}": float(f[k]) for b in args.batches for v, f in figures[f"batch_{b}"].items()
                for k in ("decoded_tokens_per_s", "over_generate") if k in f}
-    log_to_mlflow("rollouts" + ("_smoke" if args.smoke else ""), config, metrics, out)
+    save(out.stem, report, metrics, out, params=config)
     best = {b: max((v for v in args.variants if v != "generate"),
                    key=lambda v: figures[f"batch_{b}"][v]["decoded_tokens_per_s"]) for b in args.batches}
     print("rollout tokens/s over plain generate on the PEFT policy: " + "; ".join(

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -44,12 +43,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rlhf import tracking  # noqa: E402
+from benchmarks.record import save  # noqa: E402
 from rlhf.models import add_lora, load_causal_lm, load_tokenizer, resolve_precision  # noqa: E402
 from rlhf.params import SftParams, load_params  # noqa: E402
 from rlhf.reward_model import TokenScorer, _score_head_model, preference_loss, reward_at_last_token  # noqa: E402
@@ -301,27 +299,8 @@ def command(argv: list[str]) -> str:
     return prefix + "nice -n 10 .venv/bin/python benchmarks/training_efficiency.py " + " ".join(argv)
 
 
-def write(out: Path, figures: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(figures, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"wrote {out.relative_to(REPO)}")
 
 
-def log_to_mlflow(run_name: str, config: dict, metrics: dict, artifact: Path) -> None:
-    """One run in the experiment "benchmarks" of the project's tracking store."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    if mlflow.get_experiment_by_name("benchmarks") is None:
-        location = None if "MLFLOW_TRACKING_URI" in os.environ else (REPO / "mlartifacts").as_uri()
-        mlflow.create_experiment("benchmarks", artifact_location=location)
-    mlflow.set_experiment("benchmarks")
-    with mlflow.start_run(run_name=run_name, tags={"git.commit": tracking.git_commit()}):
-        mlflow.log_params(config)
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(artifact))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         args.peak_flops = 1.0
         result = profile(args.profile, args, params, accelerator, micro_batches)
         out = RESULTS / f"training_efficiency_profile_{args.profile}.json"
-        write(out, {"command": command(argv), "config": config, "machine": machine(), **result})
+        save(out.stem, {"command": command(argv), "config": config, "machine": machine(), **result}, {}, out, params=config)
         return 0
 
     peak = bf16_matmul_peak(args.peak_repeats)
@@ -392,10 +371,9 @@ def main(argv: list[str] | None = None) -> int:
               "variants": figures, "ratios": ratios,
               "target": {"sft_mfu_at_512": 0.60, "met_by": [v for v in figures if v.startswith("sft") and figures[v]["mfu"] >= 0.60]}}
     out = RESULTS / ("training_efficiency_smoke.json" if args.smoke else "training_efficiency.json")
-    write(out, report)
     metrics = {f"{v}/{k}": float(r[k]) for v, r in figures.items() for k in ("tokens_per_s", "mfu")}
     metrics.update({"bf16_peak_gflops": report["bf16_peak_gflops"], **{f"ratio/{k}": float(x) for k, x in ratios.items()}})
-    log_to_mlflow("training_efficiency" + ("_smoke" if args.smoke else ""), config, metrics, out)
+    save(out.stem, report, metrics, out, params=config)
     mfus = "  ".join(f"{v} {r['mfu']:.1%}" for v, r in figures.items())
     print(f"MFU at seq {args.seq_len} vs measured bf16 peak {report['bf16_peak_gflops']:.0f} GFLOP/s: {mfus}; "
           + "  ".join(f"{k} {x:.2f}x" for k, x in ratios.items()))
