@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,7 +209,8 @@ def lineage_tags() -> dict:
             tags[f"dvc.{path}"] = tracking.dvc_md5(path)
     if Path(COMPARISONS).exists():
         counts = read_comparisons(COMPARISONS)["source"].value_counts()
-        tags.update({f"comparisons.{source}": int(n) for source, n in counts.items()})
+        # a source such as judge:SmolLM2-135M-Instruct+rubric holds characters MLflow refuses in a tag name
+        tags.update({"comparisons." + re.sub(r"[^\w\-. :/]", "_", source): int(n) for source, n in counts.items()})
     return tags
 
 

@@ -89,3 +89,23 @@ def test_gate_reads_the_evaluate_stage_metric_names():
     real = {"eval/truthfulqa_mc2": 0.3, "eval/realtoxicityprompts_toxicity_probability": 0.2}
     assert promote.gate_figures(real)["truthfulness_mc2"] == 0.3
     assert promote.gate_figures(real)["toxicity_probability"] == 0.2
+
+
+def test_lineage_tags_name_every_comparison_source_in_a_form_mlflow_accepts(tmp_path, monkeypatch):
+    import pandas as pd
+    from mlflow.utils.validation import _validate_tag_name
+
+    from rlhf.comparisons import write_comparisons
+
+    sources = ["judge:SmolLM2-135M-Instruct+rubric", "human:nov", "feedback:rlhf-policy/3"]
+    rows = [{"pair_id": str(i), "prompt": "p", "response_a": "x", "response_b": "y", "chosen": "a", "source": source,
+             "policy_version": None, "votes": None, "agreement": None,
+             "created_at": pd.Timestamp("2026-01-01", tz="UTC")} for i, source in enumerate(sources)]
+    write_comparisons(pd.DataFrame(rows), tmp_path / "train.parquet")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(promote, "COMPARISONS", "train.parquet")
+    counts = {k: v for k, v in promote.lineage_tags().items() if k.startswith("comparisons.")}
+    assert counts == {"comparisons.judge:SmolLM2-135M-Instruct_rubric": 1, "comparisons.human:nov": 1,
+                      "comparisons.feedback:rlhf-policy/3": 1}
+    for key in counts:
+        _validate_tag_name(key)
