@@ -154,7 +154,7 @@ class PpoParams:
     lora_r: int = _f(16, "LoRA rank of the policy; 0 trains every weight and keeps a frozen copy as reference", "must be >= 0", _non_negative)
     lora_alpha: int = _f(32, "LoRA scale numerator (scale = alpha / r)", "must be > 0", _positive)
     value_model: Literal["head", "reward_model"] = _f("head", "'head': a linear value head on the policy's last hidden state; 'reward_model': a separate value model initialised from the reward model")
-    kl_coef: float = _f(0.05, "initial β of the per-token penalty −β·(log π − log π_ref)", "must be >= 0; 0.01 to 0.2 is usual", _non_negative)
+    kl_coef: float = _f(0.1, "initial β of the per-token penalty −β·(log π − log π_ref)", "must be >= 0; 0.01 to 0.2 is usual", _non_negative)
     kl_target: float = _f(4.0, "KL per response (nats) the adaptive controller steers β towards", "must be > 0", _positive)
     kl_horizon: int = _f(32, "responses over which the controller closes the gap to kl_target (smaller reacts faster)", "must be >= 1", _positive)
     gamma: float = _f(1.0, "discount γ of GAE", "must lie in (0, 1]", lambda v: 0 < v <= 1)
@@ -187,7 +187,7 @@ class EvaluateParams:
     max_new_tokens: int = _f(64, "tokens per held-out response", "must be >= 1", _positive)
     temperature: float = _f(1.0, "sampling temperature of the held-out responses (PPO's own is 1.0)", "must be > 0", _positive)
     win_rate_confidence: float = _f(0.95, "confidence of the win-rate's Wilson interval", "must lie in (0, 1)", _fraction)
-    batch_size: int = _f(8, "sequences per forward pass", "must be >= 1", _positive)
+    batch_size: int = _f(32, "sequences per forward pass or generate call", "must be >= 1", _positive)
     seed: int = _f(0, "seed of every sampled response")
 
 
