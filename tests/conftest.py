@@ -38,6 +38,7 @@ TINY_DEMONSTRATIONS = [
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the temporary server logs at exit, after pytest closed its streams
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # a loaded machine starts it slowly
 
 
 def build_tiny_tokenizer():
