@@ -68,7 +68,7 @@ class SftParams:
     max_grad_norm: float = _f(1.0, "gradient-norm clip", "must be > 0", _positive)
     lora_r: int = _f(16, "LoRA rank; 0 trains every weight (full fine-tuning)", "must be >= 0", _non_negative)
     lora_alpha: int = _f(32, "LoRA scale numerator (scale = alpha / r)", "must be > 0", _positive)
-    lora_dropout: float = _f(0.05, "dropout on the LoRA path", "must lie in [0, 1)", lambda v: 0 <= v < 1)
+    lora_dropout: float = _f(0.0, "dropout on the LoRA path (its random masks cost ~1.8x in step time on a CPU)", "must lie in [0, 1)", lambda v: 0 <= v < 1)
     eval_every: int = _f(20, "optimiser steps between validation passes", "must be >= 1", _positive)
     seed: int = _f(0, "seed for the split, shuffling and initialisation")
 
@@ -131,7 +131,7 @@ class RewardModelParams:
     max_grad_norm: float = _f(1.0, "gradient-norm clip", "must be > 0", _positive)
     lora_r: int = _f(16, "LoRA rank; 0 trains every weight (full fine-tuning)", "must be >= 0", _non_negative)
     lora_alpha: int = _f(32, "LoRA scale numerator (scale = alpha / r)", "must be > 0", _positive)
-    lora_dropout: float = _f(0.05, "dropout on the LoRA path", "must lie in [0, 1)", lambda v: 0 <= v < 1)
+    lora_dropout: float = _f(0.0, "dropout on the LoRA path (its random masks cost ~1.8x in step time on a CPU)", "must lie in [0, 1)", lambda v: 0 <= v < 1)
     eval_every: int = _f(20, "optimiser steps between validation passes", "must be >= 1", _positive)
     seed: int = _f(0, "seed for shuffling and the scalar head's initialisation")
 
