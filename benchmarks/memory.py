@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -132,13 +131,6 @@ def measure(case: str, args, argv_common: list[str]) -> dict:
     return figures
 
 
-def machine() -> dict:
-    import torch
-
-    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "load_average_at_end": os.getloadavg()}
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                 ratios[f"{a}_over_{b}_above_floor"] = round(
                     (figures[a]["vm_hwm_mib"] - floor) / (figures[b]["vm_hwm_mib"] - floor), 3)
     prefix = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.record import machine, save
+
     report = {"command": prefix + "nice -n 10 .venv/bin/python benchmarks/memory.py " + " ".join(argv),
               "config": {"sft_demos": args.sft_demos, "ppo_iterations": args.ppo_iterations,
                          "max_new_tokens": args.max_new_tokens or "ppo.max_new_tokens", "params": "params.yaml"},
@@ -175,9 +170,6 @@ def main(argv: list[str] | None = None) -> int:
               "target": {"ppo_lora_over_sft_lora_below": 1.5,
                          "met": ratios.get("ppo_lora_over_sft_lora", float("inf")) < 1.5}}
     out = RESULTS / ("memory_smoke.json" if args.smoke else "memory.json")
-    sys.path.insert(0, str(REPO))
-    from benchmarks.record import save
-
     metrics = {f"{c}/peak_rss_mib": float(f["vm_hwm_mib"]) for c, f in figures.items()}
     metrics.update({f"ratio/{k}": float(v) for k, v in ratios.items()})
     save(out.stem, report, metrics, out, params=report["config"])

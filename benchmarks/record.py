@@ -15,8 +15,10 @@ EXPERIMENT = "benchmarks"
 
 
 def machine() -> dict:
+    """This machine, with its load when the figures were taken (other jobs change them)."""
     return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "python": platform.python_version(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_average_at_end": os.getloadavg()}
 
 
 def command() -> str:

@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -49,7 +47,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.record import save  # noqa: E402
+from benchmarks.record import command, machine, save  # noqa: E402
 from rlhf.models import load_tokenizer, resolve_precision  # noqa: E402
 from rlhf.params import load_params  # noqa: E402
 from rlhf.ppo import (TRAIN_COMPARISONS, build_policy, distinct_prompts, encode_prompt, pad_left,  # noqa: E402
@@ -200,43 +198,12 @@ def measure(args, policy, accelerator, tokenizer, prompts, max_prompt_len: int) 
     return figures
 
 
-def contiguous_head_policy_forward(model, query, query_mask, responses, response_mask, temperature: float,
-                                   with_hidden: bool):
-    """rlhf.ppo.policy_forward with one change: `logits_to_keep` as a tensor of positions instead of an int.
-
-    An int makes transformers slice hidden[:, -k:], a non-contiguous view; F.linear on it falls back to a
-    bmm that first copies the (V, H) LM-head weight once per row (B × 28M values, forward and backward).
-    Positions gather the same rows into a contiguous tensor, so the LM head is one plain matmul.
-    """
-    input_ids = torch.cat([query, responses], dim=1)
-    attention_mask = torch.cat([query_mask, response_mask], dim=1)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    n, width = responses.size(1), input_ids.size(1)
-    keep = torch.arange(width - n - 1, width, device=input_ids.device)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                output_hidden_states=with_hidden, logits_to_keep=keep)
-    logits = out.logits[:, :-1].float() / temperature
-    hidden = out.hidden_states[-1][:, -n - 1:-1] if with_hidden else None
-    return logits, hidden
 
 
-def merged_sample_responses(model, query, query_mask, max_new_tokens: int, temperature: float, eos_id: int,
-                            pad_id: int):
-    """rlhf.ppo.sample_responses on the LoRA policy with its adapter merged into the bf16 base weights (restored
-    exactly after) and autocast off, as the proposed rollout() does; a full fine-tuned policy is left as is."""
-    from peft import PeftModel
-
-    if not isinstance(model, PeftModel):
-        return sample_responses(model, query, query_mask, max_new_tokens, temperature, eos_id, pad_id)
-    with merged(model, exact=True), torch.autocast(query.device.type, enabled=False):
-        return sample_responses(model, query, query_mask, max_new_tokens, temperature, eos_id, pad_id)
 
 
 PPO_VARIANTS = {  # what each variant puts in place of rlhf.ppo's functions, inside this process only
-    "stage": {},
-    "contiguous_head": {"policy_forward": contiguous_head_policy_forward},
-    "proposed": {"policy_forward": contiguous_head_policy_forward,  # both changes of the proposed diff
-                 "sample_responses": merged_sample_responses},
+    "stage": {},  # the contiguous LM head and the merged-LoRA rollouts it was used to try are in rlhf.ppo now
 }
 
 
@@ -320,19 +287,6 @@ def profile_ppo_iteration(args, params) -> dict:
 # Reporting
 # ------------------------------------------------------------------------------------------------
 
-def machine() -> dict:
-    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "load_average_at_end": os.getloadavg()}
-
-
-def command(argv: list[str]) -> str:
-    prefix = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    return prefix + "nice -n 10 .venv/bin/python benchmarks/rollouts.py " + " ".join(argv)
-
-
-
-
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -362,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         config = {"ppo": params.section("ppo"), "ppo_variants": args.ppo_variants}
         metrics = {f"{v}/{k}": float(x) for v, r in result["variants"].items() for k, x in r["phases"].items()}
         metrics.update({f"ratio/{k}": float(x) for k, x in result["ratios"].items()})
-        save(out.stem, {"command": command(argv), "config": config, "machine": machine(), **result}, metrics, out,
+        save(out.stem, {"command": command(), "config": config, "machine": machine(), **result}, metrics, out,
              params={"ppo_variants": ",".join(args.ppo_variants), "lora_r": result["lora_r"],
                      "max_new_tokens": result["max_new_tokens"]})
         return 0
@@ -392,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     config = {"policy": "models/sft + LoRA (rlhf.ppo.build_policy)", "dtype": str(dtype), "lora_r": params.ppo.lora_r,
               "lora_b_scale": args.lora_b_scale, "max_new_tokens": args.max_new_tokens, "temperature": 1.0,
               "batches": args.batches, "rounds": args.rounds, "prompts": f"{len(prompts)} distinct, cycled"}
-    report = {"command": command(argv), "config": config, "machine": machine(), "unmerge_drift": drift,
+    report = {"command": command(), "config": config, "machine": machine(), "unmerge_drift": drift,
               "throughput": figures}
     out = RESULTS / ("rollouts_smoke.json" if args.smoke else "rollouts.json")
     metrics = {f"b{b}/{v}/{k}": float(f[k]) for b in args.batches for v, f in figures[f"batch_{b}"].items()

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -47,7 +45,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.record import save  # noqa: E402
+from benchmarks.record import command, machine, save  # noqa: E402
 from rlhf.models import add_lora, load_causal_lm, load_tokenizer, resolve_precision  # noqa: E402
 from rlhf.params import SftParams, load_params  # noqa: E402
 from rlhf.reward_model import TokenScorer, _score_head_model, preference_loss, reward_at_last_token  # noqa: E402
@@ -288,20 +286,6 @@ def profile(variant: str, args, params, accelerator, micro_batches) -> dict:
 # Reporting
 # ------------------------------------------------------------------------------------------------
 
-def machine() -> dict:
-    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "cpu_bf16": str(resolve_precision("auto")),
-            "load_average_at_end": os.getloadavg()}
-
-
-def command(argv: list[str]) -> str:
-    prefix = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    return prefix + "nice -n 10 .venv/bin/python benchmarks/training_efficiency.py " + " ".join(argv)
-
-
-
-
-
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -348,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         args.peak_flops = 1.0
         result = profile(args.profile, args, params, accelerator, micro_batches)
         out = RESULTS / f"training_efficiency_profile_{args.profile}.json"
-        save(out.stem, {"command": command(argv), "config": config, "machine": machine(), **result}, {}, out, params=config)
+        save(out.stem, {"command": command(), "config": config, "machine": machine(), **result}, {}, out, params=config)
         return 0
 
     peak = bf16_matmul_peak(args.peak_repeats)
@@ -365,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         if f"sft_{kind}" in figures and f"sft_{kind}_fast" in figures:
             ratios[f"sft_{kind}_fast_over_sft_{kind}"] = round(
                 figures[f"sft_{kind}_fast"]["tokens_per_s"] / figures[f"sft_{kind}"]["tokens_per_s"], 3)
-    report = {"command": command(argv), "config": config, "machine": machine(),
+    report = {"command": command(), "config": config, "machine": machine(),
               "bf16_peak_gflops": round(peak["flops"] / 1e9, 1), "bf16_peak_per_shape_gflops": peak["per_shape_gflops"],
               "bf16_peak_gflops_after": round(peak_after["flops"] / 1e9, 1),
               "variants": figures, "ratios": ratios,
