@@ -155,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         hits = [c for (s, _), c in zip(scored, correct) if s == subset]
         per_subset[subset] = {"pairs": len(hits), "accuracy": round(sum(hits) / max(len(hits), 1), 4),
                               "ci95": wilson(sum(hits), len(hits))}
+    # the baseline a reward model must beat to have learned more than length: "the longer reply wins"
+    longer = [len(p.chosen) > len(p.rejected) for _, p in scored]
+    length_baseline = {"overall": round(sum(longer) / len(longer), 4),
+                       **{s: round(sum(w for (t, _), w in zip(scored, longer) if t == s)
+                                   / max(sum(t == s for t, _ in scored), 1), 4) for s in SUBSETS}}
     m = result["metrics"]
     report = {
         "what": "held-out pairwise accuracy of the reward_model stage trained on hh-rlhf test files, split by prompt",
@@ -169,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "held_out_accuracy": round(sum(correct) / len(correct), 4),
         "held_out_ci95": wilson(sum(correct), len(correct)),
         "per_subset": per_subset,
+        "longer_reply_wins_baseline": length_baseline,
         "accuracy_before_training_on_curve_pairs": m["rm/val_accuracy_before"],
         "train_accuracy_after": m["rm/train_accuracy"],
         "reward_normalization": {"mean": round(stats["mean"], 4), "std": round(stats["std"], 4)},
@@ -183,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("held_out_accuracy", "held_out_ci95", "per_subset", "train_seconds",
-                                             "wall_seconds")}, indent=2))
+    print(json.dumps({k: report[k] for k in ("held_out_accuracy", "held_out_ci95", "per_subset",
+                                             "longer_reply_wins_baseline", "train_seconds", "wall_seconds")}, indent=2))
     return 0
 
 
