@@ -11,16 +11,14 @@ tokenized with the SFT stage's own template and masking and packed into full row
 so no step sees padding; the first --warmup optimiser steps are not timed.
 
   naive        fp32 weights + bf16 autocast, plain AdamW, the model's built-in loss (a textbook loop)
-  sft_lora     the sft stage's step (rlhf.sft: load_causal_lm, add_lora, response_nll, the accelerate
-               autocast, clip, AdamW) with LoRA as in params.yaml
+  sft_lora     the sft stage's step (rlhf.sft: load_causal_lm, add_lora, the prepared `ResponseNll` whose forward
+               fuses the LM head and the loss chunk by chunk so the (T, V) logits are never stored nor cast to
+               fp32, the accelerate autocast, clip, fused AdamW) with LoRA as in params.yaml
   sft_full     the same step with sft.lora_r = 0 (fp32 master weights + bf16 autocast)
+  sft_*_logits the stage's step before the fused loss: full logits, `response_nll`, plain AdamW (the "before")
   rm_lora      the reward_model stage's step (rlhf.reward_model: _score_head_model, TokenScorer,
   rm_full      reward_at_last_token, preference_loss), chosen and rejected stacked; LoRA as in params.yaml, and full
                (N leaves out the embedding: the reward model has no LM head, it only looks tokens up)
-  sft_*_fast   the proposed SFT step (`fast_sft_step`): the model prepared inside `ResponseNll`, whose forward
-               fuses the LM head and the loss in chunks of tokens (`LinearCrossEntropy`: the (T, V) logits are
-               never stored, nor cast to fp32 by accelerate's forward wrapper), and fused AdamW;
-               `_nodrop` also sets lora_dropout 0 (a params.yaml change)
 
 From the repository root (full run ~6-8 minutes on 2 quiet cores, estimated from 1-thread smoke runs):
 
@@ -49,12 +47,11 @@ from benchmarks.record import command, machine, save  # noqa: E402
 from rlhf.models import add_lora, load_causal_lm, load_tokenizer, resolve_precision  # noqa: E402
 from rlhf.params import SftParams, load_params  # noqa: E402
 from rlhf.reward_model import TokenScorer, _score_head_model, preference_loss, reward_at_last_token  # noqa: E402
-from rlhf.sft import IGNORE, load_demonstrations, response_nll, tokenize_demonstration  # noqa: E402
+from rlhf.sft import IGNORE, LOSS_CHUNK_TOKENS, ResponseNll, load_demonstrations, response_nll, tokenize_demonstration  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 BASE = REPO / "models" / "base"
-VARIANTS = ("naive", "sft_lora", "sft_full", "sft_lora_fast", "sft_lora_fast_nodrop", "sft_full_fast", "rm_lora",
-            "rm_full")
+VARIANTS = ("naive", "sft_lora_logits", "sft_lora", "sft_full_logits", "sft_full", "rm_lora", "rm_full")
 PEAK_SHAPES = ((4096, 4096, 4096), (8192, 576, 1536), (8192, 1536, 576))  # square, and the model's MLP shapes
 
 
@@ -107,8 +104,8 @@ def naive_step(model, optimizer, micro_batches):
     optimizer.zero_grad(set_to_none=True)
 
 
-def sft_step(model, optimizer, accelerator, micro_batches, max_grad_norm: float):
-    """The body of rlhf.sft.train's step loop on one process (world = 1: one optimiser step over its micro-batches)."""
+def logits_sft_step(model, optimizer, accelerator, micro_batches, max_grad_norm: float):
+    """The sft stage's step before this benchmark's fixes: the model's full (T, V) logits, then `response_nll`."""
     group_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
     for batch in micro_batches:
         with accelerator.autocast():
@@ -121,65 +118,15 @@ def sft_step(model, optimizer, accelerator, micro_batches, max_grad_norm: float)
     optimizer.zero_grad(set_to_none=True)
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """Σ_t −log softmax(h_t·Wᵀ)[y_t] over tokens whose label is not IGNORE, equal to `response_nll` on the LM
-    head's logits, taken `chunk` tokens at a time: each chunk's logits, fp32 log-softmax and gradient
-    (softmax − onehot) are made and used up in forward, so only ∂L/∂h (T, H) and ∂L/∂W are kept for backward,
-    never the (T, V) logits (fp32: 400 MB per 2,048 tokens with a 49,152 vocabulary)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk: int):
-        w = weight.to(hidden.dtype)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        total = torch.zeros((), dtype=torch.float32)
-        for s in range(0, hidden.size(0), chunk):
-            h, y = hidden[s:s + chunk], labels[s:s + chunk]
-            logp = (h @ w.T).float().log_softmax(dim=-1)
-            valid = (y != IGNORE).nonzero().squeeze(1)
-            total -= logp[valid, y[valid]].sum()
-            g = logp.exp_()  # ∂L/∂logits = softmax − onehot on response tokens, 0 elsewhere
-            g[valid, y[valid]] -= 1
-            g[y == IGNORE] = 0
-            g = g.to(hidden.dtype)
-            grad_hidden[s:s + chunk] = g @ w
-            if grad_weight is not None:
-                grad_weight += (g.T @ h).float()
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        gw = None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype)
-        return grad_hidden * grad_total.to(grad_hidden.dtype), gw, None, None
-
-
-class ResponseNll(torch.nn.Module):
-    """`response_nll`'s sum for a causal LM as a module's forward (DDP reduces only passes through its own
-    forward, as with rlhf.reward_model.TokenScorer): backbone, then `LinearCrossEntropy` on the LM head's weight."""
-
-    def __init__(self, model, chunk: int):
-        super().__init__()
-        self.model, self.chunk = model, chunk
-
-    def forward(self, input_ids, attention_mask, labels):
-        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # peft
-        hidden = inner.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        h = hidden[:, :-1].reshape(-1, hidden.size(-1))
-        with torch.autocast(h.device.type, enabled=False):
-            return LinearCrossEntropy.apply(h, inner.lm_head.weight, labels[:, 1:].reshape(-1), self.chunk)
-
-
-def fast_sft_step(loss_model, model, optimizer, accelerator, micro_batches, max_grad_norm: float):
-    """The proposed sft step: the same loss and update, through the prepared `ResponseNll`."""
+def sft_step(loss_model, optimizer, accelerator, micro_batches, max_grad_norm: float):
+    """The body of rlhf.sft.train's step loop on one process (world = 1: one optimiser step over its micro-batches),
+    through the prepared `rlhf.sft.ResponseNll` (LM head and loss fused, chunk by chunk)."""
     group_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
     for batch in micro_batches:
         with accelerator.autocast():
             loss = loss_model(batch["input_ids"], batch["attention_mask"], batch["labels"]) / group_tokens
         accelerator.backward(loss)
-    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    accelerator.clip_grad_norm_(loss_model.parameters(), max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -214,18 +161,17 @@ def build(variant: str, args, params, accelerator):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=rm.learning_rate)
         scorer, optimizer = accelerator.prepare(TokenScorer(model), optimizer)
         return model.train(), optimizer, lambda mb: rm_step(scorer, optimizer, accelerator, mb, rm.max_grad_norm)
-    fast = "_fast" in variant
+    logits = variant.endswith("_logits")
     model = load_causal_lm(BASE, dtype=dtype if lora else torch.float32)
     if lora:
-        model = add_lora(model, sft.lora_r, sft.lora_alpha, 0.0 if variant.endswith("_nodrop") else sft.lora_dropout)
+        model = add_lora(model, sft.lora_r, sft.lora_alpha, sft.lora_dropout)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=sft.learning_rate, fused=fast or None)
-    if fast:
-        loss_model, optimizer = accelerator.prepare(ResponseNll(model, args.loss_chunk_tokens), optimizer)
-        return model.train(), optimizer, lambda mb: fast_sft_step(loss_model, model, optimizer, accelerator, mb,
-                                                                  sft.max_grad_norm)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return model.train(), optimizer, lambda mb: sft_step(model, optimizer, accelerator, mb, sft.max_grad_norm)
+    optimizer = torch.optim.AdamW(trainable, lr=sft.learning_rate, fused=None if logits else True)
+    if logits:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        return model.train(), optimizer, lambda mb: logits_sft_step(model, optimizer, accelerator, mb, sft.max_grad_norm)
+    loss_model, optimizer = accelerator.prepare(ResponseNll(model, args.loss_chunk_tokens), optimizer)
+    return model.train(), optimizer, lambda mb: sft_step(loss_model, optimizer, accelerator, mb, sft.max_grad_norm)
 
 
 def forward_parameters(model) -> int:
@@ -297,14 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="optimiser steps not timed")
     parser.add_argument("--steps", type=int, default=3, help="optimiser steps timed")
     parser.add_argument("--peak-repeats", type=int, default=5)
-    parser.add_argument("--loss-chunk-tokens", type=int, default=512, help="tokens per fused LM-head/loss chunk in *_fast")
-    parser.add_argument("--smoke", action="store_true", help="seq 128, batch 2, 1 step, naive + sft_lora + sft_lora_fast")
+    parser.add_argument("--loss-chunk-tokens", type=int, default=LOSS_CHUNK_TOKENS, help="tokens per fused LM-head/loss chunk (the stage uses rlhf.sft.LOSS_CHUNK_TOKENS)")
+    parser.add_argument("--smoke", action="store_true", help="seq 128, batch 2, 1 step, naive + sft_lora_logits + sft_lora")
     parser.add_argument("--profile", choices=VARIANTS, help="profile one step of this variant instead")
     parser.add_argument("--top", type=int, default=15, help="ops listed by --profile")
     args = parser.parse_args(argv)
     if args.smoke:  # small defaults; flags given on the command line win
         smoke = {"seq_len": 128, "batch_size": 2, "grad_accum": 1, "warmup": 1, "steps": 1, "peak_repeats": 2,
-                 "variants": "naive,sft_lora,sft_lora_fast"}
+                 "variants": "naive,sft_lora_logits,sft_lora"}
         for key, value in smoke.items():
             if not any(a.split("=")[0] == "--" + key.replace("_", "-") for a in argv):
                 setattr(args, key, value)
@@ -346,14 +292,14 @@ def main(argv: list[str] | None = None) -> int:
             if v != "naive":
                 ratios[f"{v}_over_naive"] = round(figures[v]["tokens_per_s"] / figures["naive"]["tokens_per_s"], 3)
     for kind in ("lora", "full"):
-        if f"sft_{kind}" in figures and f"sft_{kind}_fast" in figures:
-            ratios[f"sft_{kind}_fast_over_sft_{kind}"] = round(
-                figures[f"sft_{kind}_fast"]["tokens_per_s"] / figures[f"sft_{kind}"]["tokens_per_s"], 3)
+        if f"sft_{kind}" in figures and f"sft_{kind}_logits" in figures:
+            ratios[f"sft_{kind}_over_sft_{kind}_logits"] = round(
+                figures[f"sft_{kind}"]["tokens_per_s"] / figures[f"sft_{kind}_logits"]["tokens_per_s"], 3)
     report = {"command": command(), "config": config, "machine": machine(),
               "bf16_peak_gflops": round(peak["flops"] / 1e9, 1), "bf16_peak_per_shape_gflops": peak["per_shape_gflops"],
               "bf16_peak_gflops_after": round(peak_after["flops"] / 1e9, 1),
               "variants": figures, "ratios": ratios,
-              "target": {"sft_mfu_at_512": 0.60, "met_by": [v for v in figures if v.startswith("sft") and figures[v]["mfu"] >= 0.60]}}
+              "target": {"sft_mfu_at_512": 0.60, "met_by": [v for v in figures if v in ("sft_lora", "sft_full") and figures[v]["mfu"] >= 0.60]}}
     out = RESULTS / ("training_efficiency_smoke.json" if args.smoke else "training_efficiency.json")
     metrics = {f"{v}/{k}": float(r[k]) for v, r in figures.items() for k in ("tokens_per_s", "mfu")}
     metrics.update({"bf16_peak_gflops": report["bf16_peak_gflops"], **{f"ratio/{k}": float(x) for k, x in ratios.items()}})

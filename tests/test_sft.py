@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlhf.params import ParamError, SftParams
-from rlhf.sft import (IGNORE, Demonstration, check_sizes, collate, load_demonstrations, response_nll,
+from rlhf.sft import (IGNORE, Demonstration, ResponseNll, check_sizes, collate, load_demonstrations, response_nll,
                       split_demonstrations, tokenize_demonstration)
 from tests.conftest import build_tiny_model, build_tiny_tokenizer
 
@@ -35,6 +35,35 @@ def test_response_nll_ignores_masked_positions():
     nll, count = response_nll(logits, labels)
     assert count == 2  # labels at positions 2 and 3 are predicted from positions 1 and 2
     assert nll.item() == pytest.approx(2 * math.log(5))  # uniform logits: log V per token
+
+
+@pytest.mark.parametrize("chunk", [3, 512])
+def test_fused_lm_head_loss_equals_response_nll_in_value_and_gradients(tokenizer, chunk):
+    """ResponseNll (the stage's loss, logits made chunk by chunk) against response_nll on the model's own logits."""
+    torch.manual_seed(0)
+    model = build_tiny_model(len(tokenizer))
+    examples = [tokenize_demonstration(tokenizer, Demonstration(p, r), 128)
+                for p, r in [("what is two plus two?", "four"), ("name a colour", "blue, or perhaps green")]]
+    batch = collate(examples, tokenizer.pad_token_id)
+
+    def grads():
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    reference, _ = response_nll(logits, batch["labels"])
+    reference.backward()
+    expected = grads()
+    model.zero_grad()
+    fused = ResponseNll(model, chunk=chunk)(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    fused.backward()
+    assert fused.item() == pytest.approx(reference.item(), rel=1e-5)
+    got = grads()
+    assert got.keys() == expected.keys()
+    for name in expected:  # the tied embedding/LM-head weight included
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # no gradient wanted: the value alone
+        again = ResponseNll(model, chunk=chunk)(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert again.item() == pytest.approx(reference.item(), rel=1e-5)
 
 
 def test_a_few_steps_lower_the_loss_and_move_every_weight(tokenizer):
