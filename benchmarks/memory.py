@@ -9,9 +9,10 @@ high-water mark (VmHWM in /proc/self/status at the end, checked against ru_maxrs
   sft_full   the same with sft.lora_r = 0
   ppo_lora   rlhf.ppo.train, params.yaml's ppo section (LoRA; the reference is the adapter disabled, no
              second copy), --ppo-iterations iterations, eval_responses = ppo.batch_size
-  ppo_full   the same with ppo.lora_r = 0 (fp32 policy + a frozen bf16 reference copy)
-  sft_step_lora        2 optimiser steps of the sft stage's step (benchmarks/training_efficiency.py sft_lora)
-  sft_step_lora_fused  the same with the proposed fused LM-head loss (sft_lora_fast there); both on full rows
+  ppo_full   the same with ppo.lora_r = 0 (fp32 policy, a frozen bf16 reference copy, a bf16 sampler copy)
+  sft_step_lora_logits 2 optimiser steps of the sft stage's step before the fused LM-head loss
+                       (benchmarks/training_efficiency.py sft_lora_logits: full logits, then response_nll)
+  sft_step_lora        the same with the stage's step now (sft_lora there: rlhf.sft.ResponseNll); both on full rows
                        of sft.max_seq_len tokens, sft.batch_size rows x sft.grad_accum_steps: the worst batch
 
 Target (issue 8): ppo_lora's peak under 1.5x sft_lora's.
@@ -37,7 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-CASES = ("floor", "sft_lora", "sft_full", "ppo_lora", "ppo_full", "sft_step_lora", "sft_step_lora_fused")
+CASES = ("floor", "sft_lora", "sft_full", "ppo_lora", "ppo_full", "sft_step_lora_logits", "sft_step_lora")
 MARK = "MEMORY_RESULT "
 
 
@@ -74,8 +75,8 @@ def run_case(case: str, args, work: Path) -> dict:
                                   else "no")
         rows = te.packed_rows(load_tokenizer(te.BASE), p, p.batch_size * p.grad_accum_steps, p.max_seq_len)
         micro = [{k: v[i * p.batch_size:(i + 1) * p.batch_size] for k, v in rows.items()} for i in range(p.grad_accum_steps)]
-        variant = "sft_lora_fast" if case.endswith("fused") else "sft_lora"
-        _, _, step = te.build(variant, argparse.Namespace(loss_chunk_tokens=512), params, accelerator)
+        variant = case.removeprefix("sft_step_")
+        _, _, step = te.build(variant, argparse.Namespace(loss_chunk_tokens=sft.LOSS_CHUNK_TOKENS), params, accelerator)
         for _ in range(2):
             step(micro)
         return {"tokens_per_step": int(rows["input_ids"].numel())}
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {case: measure(case, args, common) for case in cases}
 
     ratios = {}
-    for a, b in (("sft_step_lora", "sft_step_lora_fused"), ("ppo_lora", "sft_lora"), ("ppo_full", "sft_full"), ("ppo_full", "ppo_lora"), ("sft_full", "sft_lora")):
+    for a, b in (("sft_step_lora_logits", "sft_step_lora"), ("ppo_lora", "sft_lora"), ("ppo_full", "sft_full"), ("ppo_full", "ppo_lora"), ("sft_full", "sft_lora")):
         if a in figures and b in figures:
             ratios[f"{a}_over_{b}"] = round(figures[a]["vm_hwm_mib"] / figures[b]["vm_hwm_mib"], 3)
             if "floor" in figures:  # what the stage itself adds over the interpreter and libraries

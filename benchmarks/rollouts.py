@@ -226,13 +226,13 @@ def profile_ppo_iteration(args, params) -> dict:
     reward_model.eval().requires_grad_(False)
     value_model = ppo.build_value_model(p, str(REPO / "models" / "reward"), dtype, policy.config.hidden_size)
     trainable = list(ppo._trainable(policy).values()) + list(ppo._trainable(value_model).values())
-    optimizer = torch.optim.AdamW(trainable, lr=p.learning_rate)
+    optimizer = torch.optim.AdamW(trainable, lr=p.learning_rate, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     policy, value_model, optimizer, scheduler = accelerator.prepare(policy, value_model, optimizer, scheduler)
     if reference is not None:
         reference.to(accelerator.device)
     models = ppo.Models(accelerator, policy, reference, value_model, reward_model, stats, tokenizer,
-                        ppo.reply_suffix(tokenizer))
+                        ppo.reply_suffix(tokenizer), ppo.build_sampler(str(SFT), dtype, p))
     prompts = distinct_prompts(REPO / TRAIN_COMPARISONS)
     originals = {name: getattr(ppo, name) for name in ("policy_forward", "sample_responses")}
 

@@ -252,6 +252,23 @@ def lora_merged(model):
                 layer.merged_adapters = []
 
 
+def build_sampler(sft_dir: str, dtype: torch.dtype, params: PpoParams) -> torch.nn.Module | None:
+    """Full fine-tuning in bf16: a frozen copy of the policy in `dtype` that generates the rollouts, its weights
+    refreshed from the fp32 master weights before each (`refreshed`). Generating from the fp32 policy under
+    autocast would cast every weight at every decoding step. None with LoRA (see `lora_merged`) or in fp32."""
+    if params.uses_lora or dtype == torch.float32:
+        return None
+    return load_causal_lm(sft_dir, dtype=dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def refreshed(sampler: torch.nn.Module, policy: torch.nn.Module) -> torch.nn.Module:
+    """`sampler` holding `policy`'s current weights, rounded to its dtype."""
+    for target, source in zip(sampler.parameters(), policy.parameters(), strict=True):
+        target.copy_(source)
+    return sampler
+
+
 @torch.no_grad()
 def sample_responses(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, temperature: float,
                      eos_id: int, pad_id: int):
@@ -285,7 +302,9 @@ def policy_forward(model, query, query_mask, responses, response_mask, temperatu
     keep = torch.arange(width - n - 1, width, device=input_ids.device)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 output_hidden_states=with_hidden, logits_to_keep=keep)
-    logits = out.logits[:, :-1].float() / temperature  # position t predicts response token t
+    logits = out.logits[:, :-1].float()  # position t predicts response token t
+    if temperature != 1.0:  # in place: the (B, N, V) fp32 logits are the biggest tensor of an update
+        logits = logits.div_(temperature)
     hidden = out.hidden_states[-1][:, -n - 1:-1] if with_hidden else None
     return logits, hidden
 
@@ -461,6 +480,7 @@ class Models:
     reward_stats: dict  # {"mean", "std"} of the RM over its training responses
     tokenizer: object
     suffix: list[int]  # template tokens after an assistant reply's EOS
+    sampler: torch.nn.Module | None = None  # full fine-tuning in bf16: the rollouts' bf16 copy of the policy
 
     def normalised(self, raw_score: torch.Tensor) -> torch.Tensor:
         # the RM score in standard deviations of its training rewards: (R − mean) / std
@@ -486,9 +506,11 @@ def rollout(models: Models, params: PpoParams, prompts: list[str]) -> dict:
     models.policy.eval()
     tic = time.perf_counter()
     policy = acc.unwrap_model(models.policy)
-    # LoRA merged: every weight generation touches is bf16 already, and autocast's per-step casts cost ~1/3
-    with lora_merged(policy), (acc.autocast() if models.reference is not None else contextlib.nullcontext()):
-        responses, mask, ended = sample_responses(policy, query, query_mask, params.max_new_tokens,
+    # no autocast: every weight generation touches is in the compute dtype already (LoRA merged into the
+    # bf16 base, or the sampler copy), where autocast's per-step weight casts would cost ~1/3 of the time
+    generator = policy if models.sampler is None else refreshed(models.sampler, policy)
+    with lora_merged(policy):
+        responses, mask, ended = sample_responses(generator, query, query_mask, params.max_new_tokens,
                                                   params.temperature, tok.eos_token_id, tok.pad_token_id)
     generation_seconds = time.perf_counter() - tic
     with acc.autocast():
@@ -566,7 +588,7 @@ def train(params: PpoParams, precision: str, sft_dir: str | Path, reward_dir: st
     reward_model.eval().requires_grad_(False)
     value_model = build_value_model(params, str(reward_dir), dtype, policy.config.hidden_size)
     trainable = list(_trainable(policy).values()) + list(_trainable(value_model).values())
-    optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate)
+    optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, fused=True)
     updates_per_iteration = params.ppo_epochs * (params.batch_size // params.minibatch_size)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, params.iterations * updates_per_iteration)
     # the scheduler stays unprepared: accelerate would step it once per process, for data loaders it shards
@@ -574,8 +596,11 @@ def train(params: PpoParams, precision: str, sft_dir: str | Path, reward_dir: st
     for frozen in (reward_model, reference):
         if frozen is not None:
             frozen.to(accelerator.device)
+    sampler_copy = build_sampler(str(sft_dir), dtype, params)
+    if sampler_copy is not None:
+        sampler_copy.to(accelerator.device)
     models = Models(accelerator, policy, reference, value_model, reward_model, reward_stats, tokenizer,
-                    reply_suffix(tokenizer))
+                    reply_suffix(tokenizer), sampler_copy)
     n_trainable, n_total = count_parameters(policy)
     sampler = PromptSampler(train_prompts, params.seed)
     beta, start, curve = params.kl_coef, 0, []
@@ -686,7 +711,8 @@ def evaluate(models: Models, params: PpoParams, prompts: list[str]) -> dict:
                 model = models.reference if models.reference is not None else policy
                 context = policy.disable_adapter() if models.reference is None else contextlib.nullcontext()
             else:
-                model, context = policy, contextlib.nullcontext()
+                model = policy if models.sampler is None else refreshed(models.sampler, policy)
+                context = contextlib.nullcontext()
             with acc.autocast():
                 with context:
                     responses, mask, ended = sample_responses(model, query, query_mask, params.max_new_tokens,

@@ -288,7 +288,7 @@ def train(params: RewardModelParams, sft_dir: str, precision: str, train_pairs: 
     model = _score_head_model(sft_dir, dtype, params)
     trainable, total = count_parameters(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=params.learning_rate, weight_decay=params.weight_decay)
+                                  lr=params.learning_rate, weight_decay=params.weight_decay, fused=True)
     steps_per_epoch = math.ceil(len(train_enc) / (params.batch_size * params.grad_accum_steps))
     total_steps = steps_per_epoch * params.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(params.warmup_ratio * total_steps), total_steps)

@@ -397,3 +397,41 @@ def test_lora_merged_generates_with_the_policy_and_restores_the_base_weights_bit
     assert not torch.equal(merged, unmerged)  # the merge really happened
     assert torch.equal(after, unmerged)
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
+
+
+def test_full_fine_tuning_samples_from_a_bf16_copy_refreshed_with_the_current_weights(tiny_model_dir):
+    params = PpoParams(lora_r=0)
+    assert ppo.build_sampler(str(tiny_model_dir), torch.float32, params) is None  # fp32: the policy itself
+    assert ppo.build_sampler(str(tiny_model_dir), torch.bfloat16, PpoParams(lora_r=4, lora_alpha=8)) is None
+    policy, _ = ppo.build_policy(str(tiny_model_dir), torch.bfloat16, params)
+    sampler = ppo.build_sampler(str(tiny_model_dir), torch.bfloat16, params)
+    with torch.no_grad():  # the policy after some updates
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p), alpha=0.01)
+    ppo.refreshed(sampler, policy)
+    pairs = list(zip(sampler.named_parameters(), policy.named_parameters(), strict=True))
+    assert all(ns == np_ and s.dtype == torch.bfloat16 and torch.equal(s, p.to(torch.bfloat16))
+               for (ns, s), (np_, p) in pairs)
+    assert not any(s.requires_grad for s in sampler.parameters())
+    ids = torch.randint(0, policy.config.vocab_size, (2, 12))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = policy(input_ids=ids).logits.float()
+        got = sampler(input_ids=ids).logits.float()
+    assert torch.allclose(got, expected, atol=0.1)  # the same policy, up to bf16 rounding of the residual stream
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one mixed-precision setting per process; the other tests here run in fp32."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_a_bf16_full_fine_tuning_iteration_runs(tiny_model_dir, tiny_reward_dir, tmp_path, fresh_accelerator_state):
+    params = PpoParams(**{**TINY, "lora_r": 0, "iterations": 1, "checkpoint_every": 1})
+    result = ppo.train(params, "bf16", tiny_model_dir, tiny_reward_dir, PROMPTS, PROMPTS[:2], tmp_path / "out",
+                       tmp_path / "checkpoints", run_fingerprint="tiny")
+    assert all(math.isfinite(v) for k, v in result["curve"][-1].items() if isinstance(v, float))
