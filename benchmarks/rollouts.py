@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.record import command, machine, save  # noqa: E402
+from rlhf import ppo  # noqa: E402
 from rlhf.models import load_tokenizer, resolve_precision  # noqa: E402
 from rlhf.params import load_params  # noqa: E402
 from rlhf.ppo import (TRAIN_COMPARISONS, build_policy, distinct_prompts, encode_prompt, pad_left,  # noqa: E402
@@ -198,12 +199,20 @@ def measure(args, policy, accelerator, tokenizer, prompts, max_prompt_len: int) 
     return figures
 
 
+def _token_logprobs_from_logits(logits, tokens):
+    return torch.gather(logits.float().log_softmax(dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def _entropy_from_logits(logits, mask):
+    logp = logits.float().log_softmax(dim=-1)
+    return ppo.masked_mean(-(logp.exp() * logp).sum(dim=-1), mask)
 
 
 PPO_VARIANTS = {  # what each variant puts in place of rlhf.ppo's functions, inside this process only
     "stage": {},  # the contiguous LM head and the merged-LoRA rollouts it was used to try are in rlhf.ppo now
+    # before one log-softmax served both: token_logprobs and entropy_bonus each took their own, forward and backward
+    "log_softmax_each": {"policy_forward": ppo.response_logits, "token_logprobs": _token_logprobs_from_logits,
+                         "entropy_bonus": _entropy_from_logits},
 }
 
 
@@ -213,7 +222,6 @@ def profile_ppo_iteration(args, params) -> dict:
     from accelerate import Accelerator
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from rlhf import ppo
     from rlhf.reward_model import load_reward_model
 
     p = dataclasses.replace(params.ppo, max_new_tokens=args.max_new_tokens or params.ppo.max_new_tokens,
@@ -234,7 +242,8 @@ def profile_ppo_iteration(args, params) -> dict:
     models = ppo.Models(accelerator, policy, reference, value_model, reward_model, stats, tokenizer,
                         ppo.reply_suffix(tokenizer), ppo.build_sampler(str(SFT), dtype, p))
     prompts = distinct_prompts(REPO / TRAIN_COMPARISONS)
-    originals = {name: getattr(ppo, name) for name in ("policy_forward", "sample_responses")}
+    originals = {name: getattr(ppo, name) for name in ("policy_forward", "sample_responses", "token_logprobs",
+                                                       "entropy_bonus")}
 
     def iteration(i: int) -> dict:
         torch.manual_seed(p.seed + i)

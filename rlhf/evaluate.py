@@ -715,8 +715,8 @@ def policy_rollouts(model, reference, reward_model, stats: dict, tokenizer, prom
         responses, mask, ended = sample_responses(model, query, query_mask, params.max_new_tokens,
                                                   params.temperature, eos_id, pad_id)
         raw = score_responses(reward_model, query, query_mask, responses, mask, ended, suffix, pad_id)
-        logp = token_logprobs(_response_logits(model, query, query_mask, responses, mask, params.temperature), responses)
-        logp_ref = token_logprobs(_response_logits(reference, query, query_mask, responses, mask, params.temperature),
+        logp = token_logprobs(_response_logprobs(model, query, query_mask, responses, mask, params.temperature), responses)
+        logp_ref = token_logprobs(_response_logprobs(reference, query, query_mask, responses, mask, params.temperature),
                                   responses)
         out.kl += ((logp - logp_ref) * mask).sum(dim=1).tolist()
         out.scores += ((raw - stats["mean"]) / stats["std"]).tolist()
@@ -725,7 +725,7 @@ def policy_rollouts(model, reference, reward_model, stats: dict, tokenizer, prom
     return out
 
 
-def _response_logits(model, query, query_mask, responses, response_mask, temperature: float) -> torch.Tensor:
+def _response_logprobs(model, query, query_mask, responses, response_mask, temperature: float) -> torch.Tensor:
     from rlhf.ppo import policy_forward
 
     return policy_forward(model, query, query_mask, responses, response_mask, temperature, False)[0]

@@ -111,10 +111,10 @@ def value_loss(values: torch.Tensor, values_old: torch.Tensor, returns: torch.Te
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (values_clipped - returns) ** 2), mask)
 
 
-def entropy_bonus(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # H = −Σ_a p(a) log p(a), mean over response tokens; the loss gets −c_H·H
-    logp = logits.float().log_softmax(dim=-1)
-    return masked_mean(-(logp.exp() * logp).sum(dim=-1), mask)
+def entropy_bonus(logp_all: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # H = −Σ_a p(a) log p(a) from the log-probabilities over the vocabulary, mean over response tokens;
+    # the loss gets −c_H·H
+    return masked_mean(-(logp_all.exp() * logp_all).sum(dim=-1), mask)
 
 
 def approx_kl(logp: torch.Tensor, logp_old: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -142,9 +142,9 @@ def adaptive_kl_coef(beta: float, kl: float, target: float, horizon: int, n_resp
     return beta * (1 + error * n_responses / horizon)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    # log π(a_t|s_t) of the taken tokens, (B, N)
-    return torch.gather(logits.float().log_softmax(dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+def token_logprobs(logp_all: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    # log π(a_t|s_t) of the taken tokens, (B, N), from the log-probabilities over the vocabulary (B, N, V)
+    return torch.gather(logp_all, 2, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,8 +288,8 @@ def sample_responses(model, query: torch.Tensor, query_mask: torch.Tensor, max_n
     return responses.masked_fill(mask == 0, pad_id), mask, ended
 
 
-def policy_forward(model, query, query_mask, responses, response_mask, temperature: float, with_hidden: bool):
-    """Logits over the response positions, (B, N, V) scaled by 1/temperature, and the last hidden state there.
+def response_logits(model, query, query_mask, responses, response_mask, temperature: float, with_hidden: bool):
+    """Logits over the response positions, (B, N, V) fp32 scaled by 1/temperature, and the last hidden state there.
 
     Position ids follow the attention mask, as in generation with left-padded queries.
     """
@@ -309,15 +309,22 @@ def policy_forward(model, query, query_mask, responses, response_mask, temperatu
     return logits, hidden
 
 
+def policy_forward(model, query, query_mask, responses, response_mask, temperature: float, with_hidden: bool):
+    """log π(·|s_t) over the vocabulary at the response positions, (B, N, V) fp32, and the last hidden state there:
+    one log-softmax that `token_logprobs` and `entropy_bonus` share."""
+    logits, hidden = response_logits(model, query, query_mask, responses, response_mask, temperature, with_hidden)
+    return logits.log_softmax(dim=-1), hidden
+
+
 def reference_logprobs(accelerator, policy, reference, query, query_mask, responses, response_mask,
                        temperature: float) -> torch.Tensor:
     """log π_ref of the response tokens: the frozen copy, or the LoRA policy with its adapter disabled."""
     if reference is None:
         with accelerator.unwrap_model(policy).disable_adapter():
-            logits = policy_forward(policy, query, query_mask, responses, response_mask, temperature, False)[0]
+            logp_all = policy_forward(policy, query, query_mask, responses, response_mask, temperature, False)[0]
     else:
-        logits = policy_forward(reference, query, query_mask, responses, response_mask, temperature, False)[0]
-    return token_logprobs(logits, responses)
+        logp_all = policy_forward(reference, query, query_mask, responses, response_mask, temperature, False)[0]
+    return token_logprobs(logp_all, responses)
 
 
 def value_forward(value_model, query, query_mask, responses, response_mask) -> torch.Tensor:
@@ -515,11 +522,11 @@ def rollout(models: Models, params: PpoParams, prompts: list[str]) -> dict:
     generation_seconds = time.perf_counter() - tic
     with acc.autocast():
         with_hidden = params.value_model == "head"
-        logits, hidden = policy_forward(models.policy, query, query_mask, responses, mask, params.temperature, with_hidden)
+        logp_all, hidden = policy_forward(models.policy, query, query_mask, responses, mask, params.temperature, with_hidden)
         batch = {
             "query": query, "query_mask": query_mask, "responses": responses, "mask": mask, "ended": ended,
-            "logp_old": token_logprobs(logits, responses),
-            "entropy": float(entropy_bonus(logits, mask)),
+            "logp_old": token_logprobs(logp_all, responses),
+            "entropy": float(entropy_bonus(logp_all, mask)),
             "values_old": models.values(hidden, query, query_mask, responses, mask).float(),
             "logp_ref": reference_logprobs(acc, models.policy, models.reference, query, query_mask, responses, mask,
                                            params.temperature),
@@ -546,13 +553,13 @@ def ppo_update(models: Models, params: PpoParams, optimizer, scheduler, trainabl
             q, qm, r, m = batch["query"][idx], batch["query_mask"][idx], batch["responses"][idx], maskf[idx]
             logp_old, values_old = batch["logp_old"][idx], batch["values_old"][idx]
             with acc.autocast():
-                logits, hidden = policy_forward(models.policy, q, qm, r, batch["mask"][idx], params.temperature,
-                                                params.value_model == "head")
-                logp = token_logprobs(logits, r)
+                logp_all, hidden = policy_forward(models.policy, q, qm, r, batch["mask"][idx], params.temperature,
+                                                  params.value_model == "head")
+                logp = token_logprobs(logp_all, r)
                 values = models.values(hidden, q, qm, r, batch["mask"][idx]).float()
                 loss_pg = clipped_policy_loss(logp, logp_old, advantages[idx], params.clip_eps, m)
                 loss_v = value_loss(values, values_old, returns[idx], params.value_clip, m)
-                entropy = entropy_bonus(logits, m)
+                entropy = entropy_bonus(logp_all, m)
                 loss = loss_pg + params.vf_coef * loss_v - params.entropy_coef * entropy
             acc.backward(loss)
             acc.clip_grad_norm_(trainable, params.max_grad_norm)

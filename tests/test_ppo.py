@@ -142,8 +142,9 @@ def test_value_loss_is_clipped_around_the_old_value():
 
 def test_entropy_of_uniform_and_of_certain_distributions():
     logits = torch.stack([torch.zeros(4), torch.tensor([0.0, -1e4, -1e4, -1e4])]).unsqueeze(0)  # (1, 2, 4)
-    assert entropy_bonus(logits, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(math.log(4))
-    assert entropy_bonus(logits, torch.tensor([[0.0, 1.0]])).item() == pytest.approx(0.0, abs=1e-6)
+    logp_all = logits.log_softmax(dim=-1)
+    assert entropy_bonus(logp_all, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(math.log(4))
+    assert entropy_bonus(logp_all, torch.tensor([[0.0, 1.0]])).item() == pytest.approx(0.0, abs=1e-6)
     p = torch.tensor([0.5, 0.25, 0.25])
     assert entropy_bonus(p.log().view(1, 1, 3), torch.ones(1, 1)).item() == pytest.approx(1.5 * math.log(2))
 
@@ -212,10 +213,11 @@ def test_forward_logprobs_are_those_generation_sampled_from(tiny_model_dir, toke
                          temperature=0.7, max_new_tokens=5, min_new_tokens=5, output_logits=True,
                          return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
     responses = out.sequences[:, query.size(1):]
-    sampled = token_logprobs(torch.stack(out.logits, dim=1) / 0.7, responses)
+    sampled = token_logprobs((torch.stack(out.logits, dim=1) / 0.7).log_softmax(dim=-1), responses)
     with torch.no_grad():
-        logits, _ = policy_forward(model, query, query_mask, responses, torch.ones_like(responses), 0.7, False)
-    torch.testing.assert_close(token_logprobs(logits, responses), sampled, atol=1e-4, rtol=1e-4)
+        logp_all, _ = policy_forward(model, query, query_mask, responses, torch.ones_like(responses), 0.7, False)
+    torch.testing.assert_close(token_logprobs(logp_all, responses), sampled, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logp_all.exp().sum(dim=-1), torch.ones(responses.shape))  # normalised
 
 
 @pytest.fixture(scope="module")
