@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.record import command, machine, save  # noqa: E402
-from rlhf.models import add_lora, load_causal_lm, load_tokenizer, resolve_precision  # noqa: E402
+from rlhf.models import add_lora, load_causal_lm, load_tokenizer, resolve_precision, without_peft  # noqa: E402
 from rlhf.params import SftParams, load_params  # noqa: E402
 from rlhf.reward_model import TokenScorer, _score_head_model, preference_loss, reward_at_last_token  # noqa: E402
 from rlhf.sft import IGNORE, LOSS_CHUNK_TOKENS, ResponseNll, load_demonstrations, response_nll, tokenize_demonstration  # noqa: E402
@@ -178,7 +178,7 @@ def forward_parameters(model) -> int:
     """Parameters whose matmuls the forward pass does: every weight once (a tied embedding/LM head counts
     once, as the LM head); a model without an LM head (the reward model) only looks the embedding up."""
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = without_peft(model)
     if getattr(inner, "lm_head", None) is None:
         n -= inner.get_input_embeddings().weight.numel()
     return n

@@ -130,6 +130,11 @@ def add_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float) -> PreT
     return get_peft_model(model, config)
 
 
+def without_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (with its adapters still in place), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def save_checkpoint(model, tokenizer, out_dir: str | Path, dtype: torch.dtype) -> None:
     """Write a plain transformers checkpoint atomically: a temporary folder beside it, then a rename.
 

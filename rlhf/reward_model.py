@@ -31,7 +31,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, ge
 
 from rlhf import tracking
 from rlhf.comparisons import read_comparisons
-from rlhf.models import count_parameters, load_tokenizer, resolve_precision, save_checkpoint
+from rlhf.models import count_parameters, load_tokenizer, resolve_precision, save_checkpoint, without_peft
 from rlhf.params import ParamError, RewardModelParams, load_params
 from rlhf.sft import process_share
 
@@ -74,7 +74,7 @@ def reward_at_last_token(scores: torch.Tensor, attention_mask: torch.Tensor) -> 
 def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The scalar head at every position, (B, T) in fp32; PPO reads these as per-token values."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
+    inner = without_peft(model)
     backbone = getattr(inner, inner.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     return inner.score(hidden).squeeze(-1).float()
@@ -387,8 +387,7 @@ def train(params: RewardModelParams, sft_dir: str, precision: str, train_pairs: 
     }
     if is_main:
         unwrapped = accelerator.unwrap_model(model)
-        inner = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        setattr(inner.config, NORMALIZATION_KEY,
+        setattr(without_peft(unwrapped).config, NORMALIZATION_KEY,
                 {"mean": reward_mean, "std": reward_std, "responses": 2 * len(stats_enc)})
         save_checkpoint(unwrapped, tokenizer, out_dir, dtype)
     accelerator.wait_for_everyone()

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from rlhf import tracking
-from rlhf.models import add_lora, count_parameters, load_causal_lm, load_tokenizer, resolve_precision, save_checkpoint
+from rlhf.models import (add_lora, count_parameters, load_causal_lm, load_tokenizer, resolve_precision, save_checkpoint,
+                         without_peft)
 from rlhf.params import EMBEDDED_DEMONSTRATIONS, ParamError, SftParams, load_params
 
 BASE_DIR = "models/base"
@@ -193,7 +194,7 @@ class ResponseNll(torch.nn.Module):
         self.model, self.chunk = model, chunk
 
     def forward(self, input_ids, attention_mask, labels):
-        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # peft
+        inner = without_peft(self.model)
         backbone = getattr(inner, inner.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         h = hidden[:, :-1].reshape(-1, hidden.size(-1))
