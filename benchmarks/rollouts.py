@@ -26,9 +26,10 @@ From the repository root (estimates for 2 quiet cores):
 
     nice -n 10 .venv/bin/python benchmarks/rollouts.py                  # ~4-5 minutes; --rounds 2: ~8
     nice -n 10 .venv/bin/python benchmarks/rollouts.py --smoke          # batch 1 and 8, 16 new tokens, ~1 minute
-    nice -n 10 .venv/bin/python benchmarks/rollouts.py --profile-ppo    # ~3 minutes: a PPO iteration (rollout +
-        update) of the stage's code and of the proposed changes (PPO_VARIANTS), each under torch.profiler;
-        --ppo-full for ppo.lora_r = 0, --shapes to list ops by input shape
+    nice -n 10 .venv/bin/python benchmarks/rollouts.py --profile-ppo    # ~10 minutes: a PPO iteration (rollout +
+        update) of the stage's code and of its earlier versions (PPO_VARIANTS), each under torch.profiler, then
+        --ppo-rounds unprofiled iterations of each, in turns, every one from the same weights and optimizer state;
+        the ratio line compares the medians. --ppo-full for ppo.lora_r = 0, --shapes to list ops by input shape
 
 writes benchmarks/results/rollouts.json (rollouts_smoke.json, rollouts_profile_ppo[_full].json) and logs the figures to the project's
 MLflow store, experiment "benchmarks".
@@ -37,7 +38,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -49,6 +52,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.record import command, machine, save  # noqa: E402
 from rlhf import ppo  # noqa: E402
+from rlhf import models as rlhf_models  # noqa: E402
 from rlhf.models import load_tokenizer, resolve_precision  # noqa: E402
 from rlhf.params import load_params  # noqa: E402
 from rlhf.ppo import (TRAIN_COMPARISONS, build_policy, distinct_prompts, encode_prompt, pad_left,  # noqa: E402
@@ -199,20 +203,45 @@ def measure(args, policy, accelerator, tokenizer, prompts, max_prompt_len: int) 
     return figures
 
 
-def _token_logprobs_from_logits(logits, tokens):
-    return torch.gather(logits.float().log_softmax(dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+def _full_vocab_policy_forward(model, query, query_mask, responses, response_mask, temperature: float):
+    """rlhf.ppo.policy_forward as it was before LinearLogprobEntropy: the model's own LM head on the response
+    positions, the (B, N, V) logits in fp32, one log-softmax over them that log π(y) and H both read."""
+    input_ids = torch.cat([query, responses], dim=1)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    n, width = responses.size(1), input_ids.size(1)
+    keep = torch.arange(width - n - 1, width, device=input_ids.device)
+    with ppo.adapter_inputs_uncast(model, input_ids.device.type):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    output_hidden_states=-1, logits_to_keep=keep)
+    logits = out.logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits.div_(temperature)
+    logp_all = logits.log_softmax(dim=-1)
+    return ppo.token_logprobs(logp_all, responses), ppo.token_entropy(logp_all), out.hidden_states[-1][:, -n - 1:-1]
 
 
-def _entropy_from_logits(logits, mask):
-    logp = logits.float().log_softmax(dim=-1)
-    return ppo.masked_mean(-(logp.exp() * logp).sum(dim=-1), mask)
+@torch.no_grad()
+def _hf_generate_sample_responses(model, query, query_mask, max_new_tokens: int, temperature: float, eos_id: int,
+                                  pad_id: int):
+    """rlhf.ppo.sample_responses as it was before its own decoding loop: transformers' generate (whose sampling
+    calls torch.multinomial)."""
+    out = model.generate(input_ids=query, attention_mask=query_mask, do_sample=True, temperature=temperature,
+                         top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
+                         use_cache=True)
+    return ppo.cut_at_eos(out[:, query.size(1):], eos_id, pad_id)
 
 
-PPO_VARIANTS = {  # what each variant puts in place of rlhf.ppo's functions, inside this process only
-    "stage": {},  # the contiguous LM head and the merged-LoRA rollouts it was used to try are in rlhf.ppo now
-    # before one log-softmax served both: token_logprobs and entropy_bonus each took their own, forward and backward
-    "log_softmax_each": {"policy_forward": ppo.response_logits, "token_logprobs": _token_logprobs_from_logits,
-                         "entropy_bonus": _entropy_from_logits},
+PPO_VARIANTS = {  # what each variant puts in place of (module, name), inside this process only
+    "stage": {},
+    # before LinearLogprobEntropy: the (B, N, V) fp32 logits and their log-softmax held, forward and backward
+    "full_vocab_logits": {(ppo, "policy_forward"): _full_vocab_policy_forward},
+    # before adapter_inputs_uncast: peft casts every adapter input to fp32, autocast casts it back
+    "adapter_inputs_cast": {(ppo, "adapter_inputs_uncast"): lambda model, device_type: contextlib.nullcontext()},
+    # before sample_responses had its own decoding loop and inverse-CDF sampling: transformers' generate
+    "hf_generate": {(ppo, "sample_responses"): _hf_generate_sample_responses},
+    # before rlhf.models.attention multiplied short attention out: torch's SDPA (its CPU flash kernel) throughout
+    "sdpa_attention": {(rlhf_models, "SCORES_PER_CHUNK"): 0},
 }
 
 
@@ -242,8 +271,11 @@ def profile_ppo_iteration(args, params) -> dict:
     models = ppo.Models(accelerator, policy, reference, value_model, reward_model, stats, tokenizer,
                         ppo.reply_suffix(tokenizer), ppo.build_sampler(str(SFT), dtype, p))
     prompts = distinct_prompts(REPO / TRAIN_COMPARISONS)
-    originals = {name: getattr(ppo, name) for name in ("policy_forward", "sample_responses", "token_logprobs",
-                                                       "entropy_bonus")}
+    originals = {(module, name): getattr(module, name) for variant in PPO_VARIANTS.values() for module, name in variant}
+
+    def trainable_state() -> dict:
+        return {f"{prefix}.{name}": p for prefix, module in (("policy", policy), ("value", value_model))
+                for name, p in ppo._trainable(module).items()}
 
     def iteration(i: int) -> dict:
         torch.manual_seed(p.seed + i)
@@ -263,11 +295,24 @@ def profile_ppo_iteration(args, params) -> dict:
                 "update_seconds": round(update_s, 2), "iteration_seconds": round(rollout_s + update_s, 2),
                 "response_tokens": int(mask.sum())}
 
+    # every timed iteration starts from the same weights and optimizer state, so every variant samples the
+    # same responses (up to its own rounding)
+    start = {"model": {k: v.detach().clone() for k, v in trainable_state().items()},
+             "optimizer": copy.deepcopy(optimizer.state_dict())}
+
+    def use(variant: str) -> None:
+        for (module, name), replacement in {**originals, **PPO_VARIANTS[variant]}.items():
+            setattr(module, name, replacement)
+        with torch.no_grad():
+            for name, value in trainable_state().items():
+                value.copy_(start["model"][name])
+        optimizer.load_state_dict(copy.deepcopy(start["optimizer"]))
+
     results = {}
     for variant in args.ppo_variants:
-        for name, function in {**originals, **PPO_VARIANTS[variant]}.items():
-            setattr(ppo, name, function)
-        iteration(0)  # warm-up
+        use(variant)
+        iteration(1)  # warm-up
+        use(variant)
         with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
             phases = iteration(1)
         averages = [e for e in prof.key_averages() if not e.key.startswith("ppo/")]
@@ -279,16 +324,25 @@ def profile_ppo_iteration(args, params) -> dict:
         if args.shapes:
             print(prof.key_averages(group_by_input_shape=True).table(
                 sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=30, max_shapes_column_width=70))
-        print(f"{variant}: one PPO iteration (lora_r={p.lora_r}, batch {p.batch_size}, {p.max_new_tokens} new tokens): "
-              f"{phases}", flush=True)
-        results[variant] = {"phases": phases, "self_cpu_ms_total": round(total / 1e3, 1), "top": top}
-    for name, function in originals.items():
-        setattr(ppo, name, function)
-    ratios = {f"{v}_over_stage": round(results["stage"]["phases"]["iteration_seconds"]
-                                       / results[v]["phases"]["iteration_seconds"], 3)
+        print(f"{variant}: one PPO iteration, profiled (lora_r={p.lora_r}, batch {p.batch_size}, "
+              f"{p.max_new_tokens} new tokens): {phases}", flush=True)
+        results[variant] = {"profiled": phases, "self_cpu_ms_total": round(total / 1e3, 1), "top": top}
+    # unprofiled, the variants in turns within each round, so that they see the same machine
+    for round_ in range(args.ppo_rounds):
+        for variant in args.ppo_variants:
+            use(variant)
+            results[variant].setdefault("rounds", []).append(iteration(1))
+            print(f"round {round_ + 1}/{args.ppo_rounds} {variant}: {results[variant]['rounds'][-1]}", flush=True)
+    for variant in args.ppo_variants:
+        rounds = results[variant].get("rounds") or [results[variant]["profiled"]]
+        results[variant]["phases"] = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    for (module, name), original in originals.items():
+        setattr(module, name, original)
+    ratios = {f"{v}_over_stage": round(results[v]["phases"]["iteration_seconds"]
+                                       / results["stage"]["phases"]["iteration_seconds"], 3)
               for v in results if v != "stage" and "stage" in results}
-    print("PPO iteration speed-up over the stage's code (time ratio, profiled): "
-          + "  ".join(f"{k} {x:.2f}x" for k, x in ratios.items()))
+    print(f"PPO iteration time of each variant over the stage's (median of {args.ppo_rounds} unprofiled rounds; "
+          "> 1: the stage is faster): " + "  ".join(f"{k} {x:.2f}x" for k, x in ratios.items()))
     return {"max_new_tokens": p.max_new_tokens, "lora_r": p.lora_r, "variants": results, "ratios": ratios}
 
 
@@ -313,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", action="store_true", help="--profile-ppo: also list ops by input shape")
     parser.add_argument("--ppo-variants", default=",".join(PPO_VARIANTS), help="--profile-ppo: which code to time")
     parser.add_argument("--ppo-full", action="store_true", help="--profile-ppo: ppo.lora_r = 0 (full fine-tuning)")
+    parser.add_argument("--ppo-rounds", type=int, default=3, help="--profile-ppo: unprofiled iterations per variant")
     args = parser.parse_args(argv)
     params = load_params(REPO / "params.yaml")
 

@@ -704,7 +704,7 @@ def toxicity_source(spec: str, limit: int) -> tuple[str, list[str]]:
 @torch.no_grad()
 def policy_rollouts(model, reference, reward_model, stats: dict, tokenizer, prompts: list[str], params) -> Rollouts:
     """Sample one response per prompt (seeded), score it with the RM, and measure its KL to the SFT reference."""
-    from rlhf.ppo import encode_prompt, pad_left, reply_suffix, sample_responses, score_responses, token_logprobs
+    from rlhf.ppo import encode_prompt, pad_left, policy_forward, reply_suffix, sample_responses, score_responses
 
     eos_id, pad_id, suffix = tokenizer.eos_token_id, tokenizer.pad_token_id, reply_suffix(tokenizer)
     torch.manual_seed(params.seed)  # every policy draws with the same random stream
@@ -715,20 +715,13 @@ def policy_rollouts(model, reference, reward_model, stats: dict, tokenizer, prom
         responses, mask, ended = sample_responses(model, query, query_mask, params.max_new_tokens,
                                                   params.temperature, eos_id, pad_id)
         raw = score_responses(reward_model, query, query_mask, responses, mask, ended, suffix, pad_id)
-        logp = token_logprobs(_response_logprobs(model, query, query_mask, responses, mask, params.temperature), responses)
-        logp_ref = token_logprobs(_response_logprobs(reference, query, query_mask, responses, mask, params.temperature),
-                                  responses)
+        logp = policy_forward(model, query, query_mask, responses, mask, params.temperature)[0]
+        logp_ref = policy_forward(reference, query, query_mask, responses, mask, params.temperature)[0]
         out.kl += ((logp - logp_ref) * mask).sum(dim=1).tolist()
         out.scores += ((raw - stats["mean"]) / stats["std"]).tolist()
         out.lengths += mask.sum(dim=1).tolist()
         out.texts += [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses, mask)]
     return out
-
-
-def _response_logprobs(model, query, query_mask, responses, response_mask, temperature: float) -> torch.Tensor:
-    from rlhf.ppo import policy_forward
-
-    return policy_forward(model, query, query_mask, responses, response_mask, temperature, False)[0]
 
 
 def policies_to_evaluate(champion_name: str) -> dict[str, Path]:

@@ -12,7 +12,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from rlhf.params import EMBEDDED_POLICY, ModelParams, ParamError
 
@@ -105,6 +107,60 @@ def load_source_model(params: ModelParams) -> tuple[PreTrainedModel, PreTrainedT
     return model, tokenizer
 
 
+# ------------------------------------------------------------------------------------------------
+# Attention
+# ------------------------------------------------------------------------------------------------
+
+ATTENTION = "rlhf"  # the attn_implementation every stage loads its models with
+SCORES_PER_CHUNK = 4 * 9 * 512 * 512  # attention scores `attention` makes at once: 19 MB in bf16
+
+
+def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """softmax(Q·Kᵀ·s + mask)·V multiplied out on the CPU, a chunk of the batch at a time; SDPA otherwise.
+
+    torch's CPU flash-attention kernel runs far below the matmul rate here: forward and backward of PPO's
+    4 × 153 positions take 8.9 ms a layer with it and 2.5 ms multiplied out, and 8 × 512 (the SFT benchmark's
+    shape) 88 ms against 2 × 24.5 ms in chunks of 4 rows (benchmarks/attention.py). Chunks keep the scores of
+    one matmul within SCORES_PER_CHUNK; where a single row's scores exceed it (over ~1,000 positions), SDPA's
+    memory-light kernel takes over. Query heads are grouped by the key/value head they read, so grouped-query
+    attention needs no copy of K and V. The scores stay in the compute dtype, as in transformers' eager
+    attention (the softmax accumulates in fp32 inside). `attention_mask` is SDPA's boolean mask (True: attend),
+    or None for a causal block without padding.
+    """
+    batch, heads, q_len, dim = query.shape
+    kv_len = key.size(2)
+    rows = SCORES_PER_CHUNK // (heads * q_len * kv_len)
+    if query.device.type != "cpu" or dropout or rows == 0:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if attention_mask is None and q_len > 1 and getattr(module, "is_causal", True):
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    scale = dim ** -0.5 if scaling is None else scaling
+    shared_mask = attention_mask is None or attention_mask.dim() == 2 or attention_mask.size(0) == 1
+    out = torch.cat([
+        _attention_multiplied_out(query[s:s + rows], key[s:s + rows], value[s:s + rows],
+                                  attention_mask if shared_mask else attention_mask[s:s + rows], scale)
+        for s in range(0, batch, rows)])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attention_multiplied_out(query, key, value, attention_mask, scale: float) -> torch.Tensor:
+    batch, heads, q_len, dim = query.shape
+    kv_heads, kv_len = key.size(1), key.size(2)
+    group = heads // kv_heads
+    scores = (query * scale).reshape(batch, kv_heads, group * q_len, dim) @ key.transpose(-1, -2)
+    scores = scores.view(batch, kv_heads, group, q_len, kv_len)
+    if attention_mask is not None:  # the dtype's lowest, not −inf: a row with nothing to attend to stays finite
+        attention_mask = attention_mask if attention_mask.dim() == 2 else attention_mask.unsqueeze(2)
+        scores = scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
+    probs = scores.softmax(dim=-1).view(batch, kv_heads, group * q_len, kv_len)
+    return (probs @ value).view(batch, heads, q_len, dim)
+
+
+AttentionInterface.register(ATTENTION, attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -120,14 +176,31 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreT
             f"no model checkpoint at {path} (config.json is missing). Run the stage that writes it "
             "(`dvc repro prepare` for models/base, `dvc repro sft` for models/sft)."
         )
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION)
 
 
-def add_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float) -> PreTrainedModel:
+def add_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
+    """LoRA adapters on every linear layer (SEQ_CLS also trains the score head in full), trainable weights in fp32."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear", task_type=task_type)
+    model = get_peft_model(model, config)
+    for p in model.parameters():
+        if p.requires_grad:  # a SEQ_CLS head comes in the model's dtype; bf16 weights would swallow small updates
+            p.data = p.data.float()
+    return model
+
+
+def adapter_inputs_uncast(model: torch.nn.Module, device_type: str):
+    """A context in which peft leaves adapter inputs in their dtype, when autocast is on.
+
+    peft casts each adapter's input to the adapter's fp32; under autocast the adapter's linear casts it straight
+    back to bf16, so the cast only copies every activation twice (11% of a PPO update, benchmarks/rollouts.py
+    --profile-ppo). Outside autocast the cast is needed, and stays.
+    """
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model, active=torch.is_autocast_enabled(device_type))
 
 
 def without_peft(model: torch.nn.Module) -> torch.nn.Module:

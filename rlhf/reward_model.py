@@ -31,7 +31,8 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, ge
 
 from rlhf import tracking
 from rlhf.comparisons import read_comparisons
-from rlhf.models import count_parameters, load_tokenizer, resolve_precision, save_checkpoint, without_peft
+from rlhf.models import (ATTENTION, adapter_inputs_uncast, add_lora, count_parameters, load_tokenizer,
+                         resolve_precision, save_checkpoint, without_peft)
 from rlhf.params import ParamError, RewardModelParams, load_params
 from rlhf.sft import process_share
 
@@ -76,7 +77,9 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """The scalar head at every position, (B, T) in fp32; PPO reads these as per-token values."""
     inner = without_peft(model)
     backbone = getattr(inner, inner.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    with adapter_inputs_uncast(model, input_ids.device.type):
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids).last_hidden_state
     return inner.score(hidden).squeeze(-1).float()
 
 
@@ -189,7 +192,7 @@ def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32) -> t
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no reward model at {path} (config.json is missing). Run `dvc repro reward_model`.")
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION)
     if model.config.num_labels != 1:
         raise ParamError(
             f"{path} has num_labels={model.config.num_labels}, but a reward model gives one scalar per response. "
@@ -213,20 +216,12 @@ def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32) -> t
 def _score_head_model(sft_dir: str, dtype: torch.dtype, params: RewardModelParams):
     """The SFT checkpoint with a fresh scalar head; LoRA keeps the base frozen in `dtype`."""
     model = AutoModelForSequenceClassification.from_pretrained(
-        sft_dir, num_labels=1, dtype=dtype if params.uses_lora else torch.float32)
+        sft_dir, num_labels=1, dtype=dtype if params.uses_lora else torch.float32, attn_implementation=ATTENTION)
     if model.config.pad_token_id is None:
         raise ParamError(f"{sft_dir}/config.json has no pad_token_id; the reward model needs one to batch responses.")
     if not params.uses_lora:
         return model
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
-                        target_modules="all-linear", task_type="SEQ_CLS")  # SEQ_CLS trains the head in full
-    model = get_peft_model(model, config)
-    for p in model.parameters():
-        if p.requires_grad:  # the head was loaded in `dtype`; bf16 weights would swallow small updates
-            p.data = p.data.float()
-    return model
+    return add_lora(model, params.lora_r, params.lora_alpha, params.lora_dropout, task_type="SEQ_CLS")
 
 
 @torch.no_grad()

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from rlhf import tracking
-from rlhf.models import (add_lora, count_parameters, load_causal_lm, load_tokenizer, resolve_precision, save_checkpoint,
-                         without_peft)
+from rlhf.models import (adapter_inputs_uncast, add_lora, count_parameters, load_causal_lm, load_tokenizer,
+                         resolve_precision, save_checkpoint, without_peft)
 from rlhf.params import EMBEDDED_DEMONSTRATIONS, ParamError, SftParams, load_params
 
 BASE_DIR = "models/base"
@@ -196,7 +196,8 @@ class ResponseNll(torch.nn.Module):
     def forward(self, input_ids, attention_mask, labels):
         inner = without_peft(self.model)
         backbone = getattr(inner, inner.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        with adapter_inputs_uncast(self.model, input_ids.device.type):
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         h = hidden[:, :-1].reshape(-1, hidden.size(-1))
         with torch.autocast(h.device.type, enabled=False):
             return LinearCrossEntropy.apply(h, inner.get_output_embeddings().weight, labels[:, 1:].reshape(-1), self.chunk)

@@ -104,3 +104,97 @@ def test_precision_choice():
     assert resolve_precision("fp32") == torch.float32
     assert resolve_precision("bf16") == torch.bfloat16
     assert resolve_precision("auto") in (torch.float32, torch.bfloat16)
+
+
+def test_adapter_inputs_stay_in_bf16_under_autocast_with_the_same_result():
+    """peft's cast of adapter inputs to fp32 is undone by autocast at once: skipping it changes no bit; outside
+    autocast the cast stays, so a bf16 model with fp32 adapters still runs."""
+    from rlhf.models import adapter_inputs_uncast, add_lora
+
+    torch.manual_seed(0)
+    model = add_lora(build_tiny_model(64).to(torch.bfloat16), r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = model(input_ids=ids).logits
+        with adapter_inputs_uncast(model, "cpu"):
+            uncast = model(input_ids=ids).logits
+    assert torch.equal(cast, uncast)
+    with torch.no_grad(), adapter_inputs_uncast(model, "cpu"):  # no autocast: inputs are cast as before
+        assert model(input_ids=ids).logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("rows_per_chunk", [None, 1])
+@pytest.mark.parametrize("q_len, kv_len, padded", [(7, 7, False), (7, 7, True), (1, 12, True), (4, 10, False)])
+def test_multiplied_out_attention_equals_sdpa_in_value_and_gradient(q_len, kv_len, padded, rows_per_chunk,
+                                                                    monkeypatch):
+    """rlhf.models.attention (grouped heads, two matmuls, the batch whole or a row at a time) against HF's SDPA
+    path: causal blocks, left padding, a decoding step over a cache, and a block of new queries after a cache."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from rlhf import models
+    from rlhf.models import attention
+
+    if rows_per_chunk:
+        monkeypatch.setattr(models, "SCORES_PER_CHUNK", rows_per_chunk * 6 * q_len * kv_len)
+
+    class Layer(torch.nn.Module):
+        is_causal, num_key_value_groups = True, 3
+
+    torch.manual_seed(0)
+    query = torch.randn(2, 6, q_len, 8, requires_grad=True)
+    key, value = (torch.randn(2, 2, kv_len, 8, requires_grad=True) for _ in range(2))
+    mask = None
+    if padded or q_len != kv_len:
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len).expand(2, 1, q_len, kv_len).clone()
+        if padded:
+            mask[0, :, :, :3] = False  # the first row's prompt is left-padded by 3
+    # query rows with nothing to attend to (padding) give values nobody reads; the loss sends them no gradient
+    attends = torch.ones(2, q_len, dtype=torch.bool) if mask is None else mask[:, 0].any(dim=-1)
+    grad = torch.randn(2, q_len, 6, 8) * attends[:, :, None, None]
+    results = []
+    for function in (attention, sdpa_attention_forward):  # (2 rows of 6 query heads on 2 key/value heads)
+        out, _ = function(Layer(), query, key, value, mask, scaling=0.3)
+        out.backward(grad)
+        results.append((out.detach(), query.grad.clone(), key.grad.clone(), value.grad.clone()))
+        query.grad = key.grad = value.grad = None
+    (out, *grads), (out_sdpa, *grads_sdpa) = results
+    torch.testing.assert_close(out[attends], out_sdpa[attends], atol=1e-5, rtol=1e-5)
+    for ours, sdpa in zip(grads, grads_sdpa):
+        torch.testing.assert_close(ours, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_models_load_with_the_project_attention_and_generate_as_with_sdpa(tmp_path):
+    from rlhf.models import ATTENTION, load_causal_lm
+
+    build_tiny_model(64).save_pretrained(tmp_path)
+    ours, sdpa = load_causal_lm(tmp_path), load_causal_lm(tmp_path)
+    sdpa.set_attn_implementation("sdpa")
+    assert ours.config._attn_implementation == ATTENTION
+    assert "attn_implementation" not in (tmp_path / "config.json").read_text()  # checkpoints stay portable
+    ids = torch.randint(3, 64, (3, 9))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, :3] = 0
+    outputs = []
+    for model in (ours, sdpa):
+        torch.manual_seed(0)
+        outputs.append(model.generate(input_ids=ids, attention_mask=attention_mask, do_sample=True, max_new_tokens=6,
+                                      pad_token_id=2))
+    assert torch.equal(*outputs)
+
+
+def test_attention_leaves_rows_too_long_to_multiply_out_to_sdpa(monkeypatch):
+    from rlhf import models
+
+    calls = []
+    monkeypatch.setattr(models, "sdpa_attention_forward", lambda *args, **kwargs: calls.append(args) or (None, None))
+    monkeypatch.setattr(models, "SCORES_PER_CHUNK", 6 * 8 * 8 - 1)  # one row's scores do not fit
+
+    class Layer(torch.nn.Module):
+        is_causal, num_key_value_groups = True, 3
+
+    models.attention(Layer(), torch.randn(2, 6, 8, 4), torch.randn(2, 2, 8, 4), torch.randn(2, 2, 8, 4), None)
+    assert len(calls) == 1

@@ -11,9 +11,9 @@ from transformers import AutoModelForSequenceClassification
 
 from rlhf import ppo
 from rlhf.params import ParamError, PpoParams, load_params
-from rlhf.ppo import (adaptive_kl_coef, approx_kl, clip_fraction, clipped_policy_loss, entropy_bonus, explained_variance,
-                      gae, kl_penalty, pad_left, policy_forward, reply_suffix, sample_responses, token_logprobs,
-                      token_rewards, value_loss, whiten)
+from rlhf.ppo import (LinearLogprobEntropy, adaptive_kl_coef, approx_kl, clip_fraction, clipped_policy_loss, cut_at_eos,
+                      explained_variance, gae, kl_penalty, masked_mean, pad_left, policy_forward, reply_suffix,
+                      sample_responses, sample_tokens, token_entropy, token_logprobs, token_rewards, value_loss, whiten)
 from rlhf.reward_model import NORMALIZATION_KEY
 from tests.conftest import build_tiny_tokenizer
 
@@ -142,11 +142,43 @@ def test_value_loss_is_clipped_around_the_old_value():
 
 def test_entropy_of_uniform_and_of_certain_distributions():
     logits = torch.stack([torch.zeros(4), torch.tensor([0.0, -1e4, -1e4, -1e4])]).unsqueeze(0)  # (1, 2, 4)
-    logp_all = logits.log_softmax(dim=-1)
-    assert entropy_bonus(logp_all, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(math.log(4))
-    assert entropy_bonus(logp_all, torch.tensor([[0.0, 1.0]])).item() == pytest.approx(0.0, abs=1e-6)
+    entropy = token_entropy(logits.log_softmax(dim=-1))
+    assert entropy[0, 0].item() == pytest.approx(math.log(4))
+    assert entropy[0, 1].item() == pytest.approx(0.0, abs=1e-6)
+    assert masked_mean(entropy, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(math.log(4))
     p = torch.tensor([0.5, 0.25, 0.25])
-    assert entropy_bonus(p.log().view(1, 1, 3), torch.ones(1, 1)).item() == pytest.approx(1.5 * math.log(2))
+    assert token_entropy(p.log()).item() == pytest.approx(1.5 * math.log(2))
+
+
+def _logprob_entropy_unfused(hidden, weight, tokens, temperature):
+    logp_all = ((hidden @ weight.T).float() / temperature).log_softmax(dim=-1)
+    return token_logprobs(logp_all, tokens), token_entropy(logp_all)
+
+
+@pytest.mark.parametrize("dtype, temperature, chunk", [(torch.float32, 1.0, 3), (torch.float32, 0.7, 64),
+                                                       (torch.bfloat16, 1.0, 4)])
+def test_fused_logprobs_and_entropy_match_the_full_log_softmax_in_value_and_gradient(dtype, temperature, chunk):
+    """LinearLogprobEntropy against autograd through the whole (T, V) log-softmax, under any mix of upstream
+    gradients on log π(y) and H, chunk sizes that do and do not divide T."""
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 16).to(dtype).requires_grad_()
+    weight = (torch.randn(50, 16) * 0.5).to(dtype).requires_grad_()
+    tokens = torch.randint(0, 50, (10,))
+    g_logp, g_entropy = torch.randn(10), torch.randn(10)
+
+    def values_and_grads(function):
+        logp, entropy = function()
+        (logp * g_logp + entropy * g_entropy).sum().backward()
+        out = (logp.detach(), entropy.detach(), hidden.grad.clone(), weight.grad.clone())
+        hidden.grad = weight.grad = None
+        return out
+
+    fused = values_and_grads(lambda: LinearLogprobEntropy.apply(hidden, weight, tokens, temperature, chunk))
+    unfused = values_and_grads(lambda: _logprob_entropy_unfused(hidden, weight, tokens, temperature))
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    for a, b in zip(fused, unfused):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tolerance)
 
 
 def test_approx_kl_and_clip_fraction_by_hand():
@@ -180,22 +212,39 @@ def tokenizer():
     return build_tiny_tokenizer()
 
 
-class _FixedGenerator:
-    def __init__(self, out):
-        self.out = out
-
-    def generate(self, input_ids, **kwargs):
-        return torch.cat([input_ids, self.out], dim=1)
-
-
 def test_response_mask_ends_at_the_first_eos():
     eos, pad = 2, 0
-    query = torch.tensor([[5, 6], [5, 6], [5, 6]])
     generated = torch.tensor([[7, 8, eos, 9], [eos, eos, eos, eos], [7, 8, 9, 10]])
-    responses, mask, ended = sample_responses(_FixedGenerator(generated), query, torch.ones_like(query), 4, 1.0, eos, pad)
+    responses, mask, ended = cut_at_eos(generated, eos, pad)
     assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
     assert ended.tolist() == [True, True, False]
     assert responses.tolist() == [[7, 8, eos, pad], [eos, pad, pad, pad], [7, 8, 9, 10]]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampled_tokens_follow_the_tempered_distribution(temperature):
+    logits = torch.tensor([2.0, 1.0, 0.0, -1e9, 0.5]).log_softmax(dim=-1)  # token 3 has probability 0
+    expected = (logits / temperature).softmax(dim=-1)
+    torch.manual_seed(0)
+    draws = sample_tokens(logits.expand(40_000, -1), temperature)
+    frequencies = torch.bincount(draws, minlength=5).double() / draws.numel()
+    assert frequencies[3] == 0
+    # 40,000 draws: each frequency within 5 standard errors of its probability
+    standard_error = (expected * (1 - expected) / draws.numel()).sqrt()
+    assert ((frequencies - expected).abs() <= 5 * standard_error + 1e-12).all(), (frequencies, expected)
+
+
+def test_sampling_stops_when_every_row_has_ended_and_pads_after_eos(tiny_model_dir, tokenizer):
+    from rlhf.models import load_causal_lm
+
+    model = load_causal_lm(tiny_model_dir).eval()
+    query, query_mask = pad_left([ppo.encode_prompt(tokenizer, p, 64) for p in PROMPTS[:3]], tokenizer.pad_token_id)
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():  # an EOS-loving model: every row ends at once
+        model.lm_head.weight[eos] += 50 * model.lm_head.weight.norm(dim=1).max()
+    responses, mask, ended = sample_responses(model, query, query_mask, 8, 1.0, eos, tokenizer.pad_token_id)
+    assert ended.all() and responses.size(1) < 8
+    assert (responses[mask == 0] == tokenizer.pad_token_id).all()
 
 
 def test_reply_suffix_is_what_the_template_puts_after_eos(tokenizer):
@@ -213,11 +262,12 @@ def test_forward_logprobs_are_those_generation_sampled_from(tiny_model_dir, toke
                          temperature=0.7, max_new_tokens=5, min_new_tokens=5, output_logits=True,
                          return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
     responses = out.sequences[:, query.size(1):]
-    sampled = token_logprobs((torch.stack(out.logits, dim=1) / 0.7).log_softmax(dim=-1), responses)
+    sampled_logp_all = (torch.stack(out.logits, dim=1) / 0.7).log_softmax(dim=-1)
     with torch.no_grad():
-        logp_all, _ = policy_forward(model, query, query_mask, responses, torch.ones_like(responses), 0.7, False)
-    torch.testing.assert_close(token_logprobs(logp_all, responses), sampled, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(logp_all.exp().sum(dim=-1), torch.ones(responses.shape))  # normalised
+        logp, entropy, hidden = policy_forward(model, query, query_mask, responses, torch.ones_like(responses), 0.7)
+    torch.testing.assert_close(logp, token_logprobs(sampled_logp_all, responses), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(entropy, token_entropy(sampled_logp_all), atol=1e-4, rtol=1e-4)
+    assert hidden.shape == (*responses.shape, model.config.hidden_size)
 
 
 @pytest.fixture(scope="module")
@@ -262,8 +312,8 @@ def test_reference_is_the_sft_model_while_the_policy_moves(tiny_model_dir, tiny_
         from accelerate import Accelerator
 
         logp_ref = ppo.reference_logprobs(Accelerator(cpu=True), policy, None, query, query_mask, responses, mask, 1.0)
-        logp_sft = token_logprobs(policy_forward(sft, query, query_mask, responses, mask, 1.0, False)[0], responses)
-        logp_policy = token_logprobs(policy_forward(policy, query, query_mask, responses, mask, 1.0, False)[0], responses)
+        logp_sft = policy_forward(sft, query, query_mask, responses, mask, 1.0)[0]
+        logp_policy = policy_forward(policy, query, query_mask, responses, mask, 1.0)[0]
     torch.testing.assert_close(logp_ref, logp_sft)
     assert not torch.allclose(logp_policy, logp_sft)
 
