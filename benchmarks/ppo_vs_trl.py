@@ -179,10 +179,8 @@ def heldout_scores(policy_dir: str, sft_dir: str, reward_model, reward_stats: di
                                                           params.temperature, eos, pad)
             raw = ppo.score_responses(reward_model, query, query_mask, responses, mask, ended, suffix, pad)
             if reference is not None:
-                logp = ppo.token_logprobs(ppo.policy_forward(policy, query, query_mask, responses, mask,
-                                                             params.temperature, False)[0], responses)
-                logp_ref = ppo.token_logprobs(ppo.policy_forward(reference, query, query_mask, responses, mask,
-                                                                 params.temperature, False)[0], responses)
+                logp = ppo.policy_forward(policy, query, query_mask, responses, mask, params.temperature)[0]
+                logp_ref = ppo.policy_forward(reference, query, query_mask, responses, mask, params.temperature)[0]
                 kls.append(((logp - logp_ref) * mask).sum(dim=1).float())
         scores.append((raw - reward_stats["mean"]) / reward_stats["std"])
         lengths.append(mask.sum(dim=1).float())

@@ -16,6 +16,8 @@ so no step sees padding; the first --warmup optimiser steps are not timed.
                fp32, the accelerate autocast, clip, fused AdamW) with LoRA as in params.yaml
   sft_full     the same step with sft.lora_r = 0 (fp32 master weights + bf16 autocast)
   sft_*_logits the stage's step before the fused loss: full logits, `response_nll`, plain AdamW (the "before")
+  sft_lora_sdpa the stage's step with torch's SDPA attention (before rlhf.models.attention)
+  sft_lora_cast the stage's step with peft casting every adapter input to fp32 (before adapter_inputs_uncast)
   rm_lora      the reward_model stage's step (rlhf.reward_model: _score_head_model, TokenScorer,
   rm_full      reward_at_last_token, preference_loss), chosen and rejected stacked; LoRA as in params.yaml, and full
                (N leaves out the embedding: the reward model has no LM head, it only looks tokens up)
@@ -33,6 +35,7 @@ the figures to the project's MLflow store, experiment "benchmarks".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
@@ -44,6 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.record import command, machine, save  # noqa: E402
+from rlhf import models as rlhf_models  # noqa: E402
+from rlhf import sft as rlhf_sft  # noqa: E402
 from rlhf.models import add_lora, load_causal_lm, load_tokenizer, resolve_precision, without_peft  # noqa: E402
 from rlhf.params import SftParams, load_params  # noqa: E402
 from rlhf.reward_model import TokenScorer, _score_head_model, preference_loss, reward_at_last_token  # noqa: E402
@@ -51,7 +56,12 @@ from rlhf.sft import IGNORE, LOSS_CHUNK_TOKENS, ResponseNll, load_demonstrations
 
 RESULTS = REPO / "benchmarks" / "results"
 BASE = REPO / "models" / "base"
-VARIANTS = ("naive", "sft_lora_logits", "sft_lora", "sft_full_logits", "sft_full", "rm_lora", "rm_full")
+VARIANTS = ("naive", "sft_lora_logits", "sft_lora_sdpa", "sft_lora_cast", "sft_lora", "sft_full_logits", "sft_full",
+            "rm_lora", "rm_full")
+EARLIER_CODE = {  # variant suffix: what it puts back in place of the stage's code, inside this process only
+    "_sdpa": (rlhf_models, "SCORES_PER_CHUNK", 0),  # torch's SDPA instead of rlhf.models.attention
+    "_cast": (rlhf_sft, "adapter_inputs_uncast", lambda model, device_type: contextlib.nullcontext()),
+}
 PEAK_SHAPES = ((4096, 4096, 4096), (8192, 576, 1536), (8192, 1536, 576))  # square, and the model's MLP shapes
 
 
@@ -153,6 +163,7 @@ def build(variant: str, args, params, accelerator):
     lora = "lora" in variant
     if variant == "naive":
         model = load_causal_lm(BASE, dtype=torch.float32)
+        model.set_attn_implementation("sdpa")  # transformers' default
         model.config.use_cache = False
         optimizer = torch.optim.AdamW(model.parameters(), lr=sft.learning_rate)
         return model.train(), optimizer, lambda mb: naive_step(model, optimizer, mb)
@@ -184,7 +195,26 @@ def forward_parameters(model) -> int:
     return n
 
 
+@contextlib.contextmanager
+def earlier_code(variant: str):
+    """Inside: the stage's code as it was before the change the variant's suffix names (EARLIER_CODE)."""
+    patches = [patch for suffix, patch in EARLIER_CODE.items() if variant.endswith(suffix)]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, name, value in patches:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
 def measure(variant: str, args, params, accelerator, micro_batches) -> dict:
+    with earlier_code(variant):
+        return _measure(variant, args, params, accelerator, micro_batches)
+
+
+def _measure(variant: str, args, params, accelerator, micro_batches) -> dict:
     torch.manual_seed(0)
     model, optimizer, step = build(variant, args, params, accelerator)
     n_params = forward_parameters(model)
@@ -291,10 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants:
             if v != "naive":
                 ratios[f"{v}_over_naive"] = round(figures[v]["tokens_per_s"] / figures["naive"]["tokens_per_s"], 3)
-    for kind in ("lora", "full"):
-        if f"sft_{kind}" in figures and f"sft_{kind}_logits" in figures:
-            ratios[f"sft_{kind}_over_sft_{kind}_logits"] = round(
-                figures[f"sft_{kind}"]["tokens_per_s"] / figures[f"sft_{kind}_logits"]["tokens_per_s"], 3)
+    for stage in ("sft_lora", "sft_full"):
+        for before in (f"{stage}_logits", f"{stage}_sdpa", f"{stage}_cast"):
+            if stage in figures and before in figures:
+                ratios[f"{stage}_over_{before}"] = round(figures[stage]["tokens_per_s"] / figures[before]["tokens_per_s"], 3)
     report = {"command": command(), "config": config, "machine": machine(),
               "bf16_peak_gflops": round(peak["flops"] / 1e9, 1), "bf16_peak_per_shape_gflops": peak["per_shape_gflops"],
               "bf16_peak_gflops_after": round(peak_after["flops"] / 1e9, 1),
