@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AttentionInterface, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -118,14 +119,14 @@ SCORES_PER_CHUNK = 4 * 9 * 512 * 512  # attention scores `attention` makes at on
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """softmax(Q·Kᵀ·s + mask)·V multiplied out on the CPU, a chunk of the batch at a time; SDPA otherwise.
 
-    torch's CPU flash-attention kernel runs far below the matmul rate here: forward and backward of PPO's
-    4 × 153 positions take 8.9 ms a layer with it and 2.5 ms multiplied out, and 8 × 512 (the SFT benchmark's
-    shape) 88 ms against 2 × 24.5 ms in chunks of 4 rows (benchmarks/attention.py). Chunks keep the scores of
-    one matmul within SCORES_PER_CHUNK; where a single row's scores exceed it (over ~1,000 positions), SDPA's
-    memory-light kernel takes over. Query heads are grouped by the key/value head they read, so grouped-query
-    attention needs no copy of K and V. The scores stay in the compute dtype, as in transformers' eager
-    attention (the softmax accumulates in fp32 inside). `attention_mask` is SDPA's boolean mask (True: attend),
-    or None for a causal block without padding.
+    torch's CPU flash-attention kernel runs far below the matmul rate here: forward and backward take 1.9-3.4×
+    as long with it at PPO's 4-8 × 100-153 positions and 1.35× at 8 × 512, the SFT benchmark's shape
+    (benchmarks/attention.py). Chunks keep the scores of one matmul within SCORES_PER_CHUNK, where this CPU's
+    caches keep it fast; where a single row's scores exceed it (over ~1,000 positions), SDPA's memory-light
+    kernel takes over. Query heads are grouped by the key/value head they read, so grouped-query attention needs
+    no copy of K and V. The scores stay in the compute dtype, as in transformers' eager attention (the softmax
+    accumulates in fp32 inside). `attention_mask` is SDPA's boolean mask (True: attend), or None for a causal
+    block without padding.
     """
     batch, heads, q_len, dim = query.shape
     kv_len = key.size(2)
@@ -148,12 +149,22 @@ def _attention_multiplied_out(query, key, value, attention_mask, scale: float) -
     batch, heads, q_len, dim = query.shape
     kv_heads, kv_len = key.size(1), key.size(2)
     group = heads // kv_heads
-    scores = (query * scale).reshape(batch, kv_heads, group * q_len, dim) @ key.transpose(-1, -2)
-    scores = scores.view(batch, kv_heads, group, q_len, kv_len)
-    if attention_mask is not None:  # the dtype's lowest, not −inf: a row with nothing to attend to stays finite
-        attention_mask = attention_mask if attention_mask.dim() == 2 else attention_mask.unsqueeze(2)
-        scores = scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
-    probs = scores.softmax(dim=-1).view(batch, kv_heads, group * q_len, kv_len)
+    queries = (query * scale).reshape(batch, kv_heads, group * q_len, dim)  # (the group's heads one above another)
+    keys = key.transpose(-1, -2)
+    if attention_mask is None:
+        scores = queries @ keys
+    else:  # the mask as an additive bias that the matmul starts from: no pass of its own, forward or backward
+        # the dtype's lowest, not −inf: a row with nothing to attend to stays finite
+        bias = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
+        bias.masked_fill_(~attention_mask, torch.finfo(query.dtype).min)
+        if bias.dim() == 2 or bias.size(0) == 1:  # one mask for every row
+            scores = torch.baddbmm(bias.reshape(q_len, kv_len).repeat(group, 1), queries.flatten(0, 1),
+                                   keys.flatten(0, 1)).view(batch, kv_heads, group * q_len, kv_len)
+        else:
+            scores = torch.stack([
+                torch.baddbmm(bias[row].reshape(q_len, kv_len).repeat(group, 1), queries[row], keys[row])
+                for row in range(batch)])
+    probs = scores.softmax(dim=-1)
     return (probs @ value).view(batch, heads, q_len, dim)
 
 
@@ -179,7 +190,8 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreT
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION)
 
 
-def add_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
+def add_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float,
+             task_type: str = "CAUSAL_LM") -> PreTrainedModel:
     """LoRA adapters on every linear layer (SEQ_CLS also trains the score head in full), trainable weights in fp32."""
     from peft import LoraConfig, get_peft_model
 
