@@ -155,8 +155,11 @@ def _attention_multiplied_out(query, key, value, attention_mask, scale: float) -
         scores = queries @ keys
     else:  # the mask as an additive bias that the matmul starts from: no pass of its own, forward or backward
         # the dtype's lowest, not −inf: a row with nothing to attend to stays finite
-        bias = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
-        bias.masked_fill_(~attention_mask, torch.finfo(query.dtype).min)
+        # in the dtype the matmul runs in: fp32's lowest would round to −inf in bf16 under autocast
+        device = query.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+        bias = torch.zeros(attention_mask.shape, dtype=dtype, device=query.device)
+        bias.masked_fill_(~attention_mask, torch.finfo(dtype).min)
         if bias.dim() == 2 or bias.size(0) == 1:  # one mask for every row
             scores = torch.baddbmm(bias.reshape(q_len, kv_len).repeat(group, 1), queries.flatten(0, 1),
                                    keys.flatten(0, 1)).view(batch, kv_heads, group * q_len, kv_len)

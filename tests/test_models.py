@@ -198,3 +198,20 @@ def test_attention_leaves_rows_too_long_to_multiply_out_to_sdpa(monkeypatch):
 
     models.attention(Layer(), torch.randn(2, 6, 8, 4), torch.randn(2, 2, 8, 4), torch.randn(2, 2, 8, 4), None)
     assert len(calls) == 1
+
+
+def test_attention_under_autocast_keeps_rows_without_keys_finite():
+    """fp32 inputs under bf16 autocast (full fine-tuning): the mask's bias must be made in bf16, or fp32's lowest
+    value rounds to −inf and a row of padding turns into NaN."""
+    from rlhf.models import attention
+
+    class Layer(torch.nn.Module):
+        is_causal, num_key_value_groups = True, 3
+
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 6, 7, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    mask = torch.ones(7, 7, dtype=torch.bool).tril().expand(2, 1, 7, 7).clone()
+    mask[0, :, :, :3] = False  # the first rows of the first sequence are padding: they attend to nothing
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = attention(Layer(), query, key, value, mask)
+    assert out.isfinite().all()
