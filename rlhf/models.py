@@ -125,8 +125,8 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     caches keep it fast; where a single row's scores exceed it (over ~1,000 positions), SDPA's memory-light
     kernel takes over. Query heads are grouped by the key/value head they read, so grouped-query attention needs
     no copy of K and V. The scores stay in the compute dtype, as in transformers' eager attention (the softmax
-    accumulates in fp32 inside). `attention_mask` is SDPA's boolean mask (True: attend), or None for a causal
-    block without padding.
+    accumulates in fp32 inside). `attention_mask` is SDPA's boolean mask (True: attend), a caller's additive
+    float mask, or None for a causal block without padding.
     """
     batch, heads, q_len, dim = query.shape
     kv_len = key.size(2)
@@ -158,8 +158,11 @@ def _attention_multiplied_out(query, key, value, attention_mask, scale: float) -
         # in the dtype the matmul runs in: fp32's lowest would round to −inf in bf16 under autocast
         device = query.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
-        bias = torch.zeros(attention_mask.shape, dtype=dtype, device=query.device)
-        bias.masked_fill_(~attention_mask, torch.finfo(dtype).min)
+        if attention_mask.dtype == torch.bool:
+            bias = torch.zeros(attention_mask.shape, dtype=dtype, device=query.device)
+            bias.masked_fill_(~attention_mask, torch.finfo(dtype).min)
+        else:  # a caller's own additive mask (evaluate's TruthfulQA tree), passed through by transformers
+            bias = attention_mask.to(dtype).clamp(min=torch.finfo(dtype).min)
         if bias.dim() == 2 or bias.size(0) == 1:  # one mask for every row
             scores = torch.baddbmm(bias.reshape(q_len, kv_len).repeat(group, 1), queries.flatten(0, 1),
                                    keys.flatten(0, 1)).view(batch, kv_heads, group * q_len, kv_len)

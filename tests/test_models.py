@@ -128,9 +128,11 @@ def test_adapter_inputs_stay_in_bf16_under_autocast_with_the_same_result():
 
 
 @pytest.mark.parametrize("rows_per_chunk", [None, 1])
-@pytest.mark.parametrize("q_len, kv_len, padded", [(7, 7, False), (7, 7, True), (1, 12, True), (4, 10, False)])
-def test_multiplied_out_attention_equals_sdpa_in_value_and_gradient(q_len, kv_len, padded, rows_per_chunk,
-                                                                    monkeypatch):
+@pytest.mark.parametrize("q_len, kv_len, padded, additive", [(7, 7, False, False), (7, 7, True, False),
+                                                             (1, 12, True, False), (4, 10, False, False),
+                                                             (7, 7, True, True)])
+def test_multiplied_out_attention_equals_sdpa_in_value_and_gradient(q_len, kv_len, padded, additive,
+                                                                    rows_per_chunk, monkeypatch):
     """rlhf.models.attention (grouped heads, two matmuls, the batch whole or a row at a time) against HF's SDPA
     path: causal blocks, left padding, a decoding step over a cache, and a block of new queries after a cache."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -148,13 +150,15 @@ def test_multiplied_out_attention_equals_sdpa_in_value_and_gradient(q_len, kv_le
     query = torch.randn(2, 6, q_len, 8, requires_grad=True)
     key, value = (torch.randn(2, 2, kv_len, 8, requires_grad=True) for _ in range(2))
     mask = None
-    if padded or q_len != kv_len:
+    if padded or q_len != kv_len or additive:
         mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len).expand(2, 1, q_len, kv_len).clone()
         if padded:
             mask[0, :, :, :3] = False  # the first row's prompt is left-padded by 3
     # query rows with nothing to attend to (padding) give values nobody reads; the loss sends them no gradient
     attends = torch.ones(2, q_len, dtype=torch.bool) if mask is None else mask[:, 0].any(dim=-1)
     grad = torch.randn(2, q_len, 6, 8) * attends[:, :, None, None]
+    if additive:  # as evaluate's TruthfulQA tree passes it: 0 where allowed, the dtype's lowest elsewhere
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     results = []
     for function in (attention, sdpa_attention_forward):  # (2 rows of 6 query heads on 2 key/value heads)
         out, _ = function(Layer(), query, key, value, mask, scaling=0.3)
