@@ -166,10 +166,14 @@ def _attention_multiplied_out(query, key, value, attention_mask, scale: float) -
         if bias.dim() == 2 or bias.size(0) == 1:  # one mask for every row
             scores = torch.baddbmm(bias.reshape(q_len, kv_len).repeat(group, 1), queries.flatten(0, 1),
                                    keys.flatten(0, 1)).view(batch, kv_heads, group * q_len, kv_len)
-        else:
+        elif q_len > 1:  # a mask a row (padding): a matmul a row, each from its row's bias
             scores = torch.stack([
                 torch.baddbmm(bias[row].reshape(q_len, kv_len).repeat(group, 1), queries[row], keys[row])
                 for row in range(batch)])
+        else:  # decoding: the bias of every row and head at once, small, and one matmul instead of a loop
+            bias = bias.reshape(batch, 1, kv_len).expand(batch, kv_heads * group, kv_len)
+            scores = torch.baddbmm(bias.reshape(batch * kv_heads, group, kv_len), queries.flatten(0, 1),
+                                   keys.flatten(0, 1)).view(batch, kv_heads, group, kv_len)
     probs = scores.softmax(dim=-1)
     return (probs @ value).view(batch, heads, q_len, dim)
 
