@@ -119,8 +119,8 @@ SCORES_PER_CHUNK = 4 * 9 * 512 * 512  # attention scores `attention` makes at on
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """softmax(Q·Kᵀ·s + mask)·V multiplied out on the CPU, a chunk of the batch at a time; SDPA otherwise.
 
-    torch's CPU flash-attention kernel runs far below the matmul rate here: forward and backward take 1.9-3.4×
-    as long with it at PPO's 4-8 × 100-153 positions and 1.35× at 8 × 512, the SFT benchmark's shape
+    torch's CPU flash-attention kernel runs far below the matmul rate here: forward and backward take 2.6-3.5×
+    as long with it at PPO's 4-8 × 100-153 positions and 2.0× at 8 × 512, the SFT benchmark's shape
     (benchmarks/attention.py). Chunks keep the scores of one matmul within SCORES_PER_CHUNK, where this CPU's
     caches keep it fast; where a single row's scores exceed it (over ~1,000 positions), SDPA's memory-light
     kernel takes over. Query heads are grouped by the key/value head they read, so grouped-query attention needs
