@@ -38,8 +38,8 @@ from transformers import AutoModelForSequenceClassification, get_linear_schedule
 
 from rlhf import tracking
 from rlhf.comparisons import read_comparisons
-from rlhf.models import (ATTENTION, adapter_inputs_uncast, add_lora, count_parameters, load_causal_lm,
-                         load_tokenizer, resolve_precision, save_checkpoint, without_peft)
+from rlhf.models import (ATTENTION, adapter_inputs_uncast, add_lora, compute_dtype, count_parameters,
+                         load_causal_lm, load_tokenizer, resolve_precision, save_checkpoint, without_peft)
 from rlhf.params import EMBEDDED_PROMPTS, ParamError, PpoParams, load_params
 from rlhf.reward_model import TokenScorer, load_reward_model, pad_right, rewards
 
@@ -330,6 +330,11 @@ def sample_tokens(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.searchsorted(cdf, draw, right=True).clamp_(max=cdf.size(-1) - 1).squeeze(-1)
 
 
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    # position ids that follow the attention mask: a left-padded row starts at 0 where its tokens start
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
 def cut_at_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
     """(responses with padding after the first EOS, mask over the tokens up to and including it, ended (B,)):
     `ended` is False where no EOS came."""
@@ -347,7 +352,7 @@ def sample_responses(model, query: torch.Tensor, query_mask: torch.Tensor, max_n
     pass a token over the KV cache, until every row has an EOS or `max_new_tokens`: `cut_at_eos`'s
     (responses (B, N), response_mask (B, N), ended (B,)). Position ids follow the attention mask, as in
     `policy_forward`."""
-    positions = (query_mask.cumsum(dim=1) - 1).clamp(min=0)
+    positions = mask_positions(query_mask)
     out = model(input_ids=query, attention_mask=query_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     attention_mask, next_position = query_mask, positions[:, -1:] + 1
     tokens, ended = [], torch.zeros(query.size(0), dtype=torch.bool, device=query.device)
@@ -376,7 +381,7 @@ def policy_forward(model, query, query_mask, responses, response_mask, temperatu
     """
     input_ids = torch.cat([query, responses], dim=1)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    position_ids = mask_positions(attention_mask)
     no_position = torch.empty(0, dtype=torch.long, device=input_ids.device)
     with adapter_inputs_uncast(model, input_ids.device.type):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -384,9 +389,8 @@ def policy_forward(model, query, query_mask, responses, response_mask, temperatu
     n = responses.size(1)
     hidden = out.hidden_states[-1][:, -n - 1:-1]  # position t predicts response token t
     head = without_peft(extract_model_from_parallel(model)).get_output_embeddings().weight
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    with torch.autocast(device, enabled=False):
+    dtype = compute_dtype(hidden)
+    with torch.autocast(hidden.device.type, enabled=False):
         logp, entropy = LinearLogprobEntropy.apply(hidden.reshape(-1, hidden.size(-1)).to(dtype), head.to(dtype),
                                                    responses.reshape(-1), temperature, LOGIT_CHUNK_TOKENS)
     return logp.view(responses.shape), entropy.view(responses.shape), hidden
@@ -406,7 +410,7 @@ def value_forward(value_model, query, query_mask, responses, response_mask) -> t
     positions that predict each response token."""
     input_ids = torch.cat([query, responses], dim=1)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    position_ids = mask_positions(attention_mask)
     n = responses.size(1)
     return value_model(input_ids, attention_mask, position_ids)[:, -n - 1:-1]
 
