@@ -7,15 +7,6 @@ import sys
 from rlhf.params import ParamError
 
 
-def run_stage(main) -> None:
-    """Run a stage's main(); errors a user can fix print as one paragraph and exit 2, with no traceback."""
-    try:
-        sys.exit(main())
-    except (ParamError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
 def _cycle(args) -> int:
     from flows.cycle import rlhf_cycle
 

@@ -7,24 +7,23 @@
   log p('A') − log p('B') of the judge's next token. A label needs both orders to agree; a pair they
   disagree on is recorded as inconsistent with no label, never forced. Backends: a causal LM through
   transformers, or an OpenAI-compatible server. A rubric option adds prompt relevance and toxicity.
-- Import: Anthropic hh-rlhf transcripts, generic prompt/chosen/rejected sets, or rows already in the
-  comparison schema (a labelling campaign's export, say), from a file, a folder or the hub.
+- Import: Anthropic hh-rlhf transcripts, generic prompt/chosen/rejected sets, rows already in the
+  comparison schema (a labelling campaign's export, say), or any shape collect.import_mapping describes,
+  from a file, a folder or the hub (rlhf/importers.py). A line that cannot be imported goes to
+  data/comparisons/import_quarantine.parquet with its reason; it never stops the stage.
 
 Every row has the shape rlhf/comparisons.py defines; the `validate` stage checks and splits them.
 Per-pair judge scores go to data/comparisons/judgements.parquet, so every label can be audited.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
 import random
-import sys
 import time
 import urllib.error
 import urllib.request
-from importlib import resources
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -35,85 +34,30 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 
 from rlhf import tracking
+from rlhf.chat import render_prompt
+from rlhf.checkpoints import load_source_model, load_tokenizer, resolve_precision
 from rlhf.comparisons import COLUMNS, read_comparisons, write_comparisons
-from rlhf.feedback import COMPARISONS_OUT as FEEDBACK_COMPARISONS, PROMPTS_OUT as SERVED_PROMPTS
-from rlhf.models import load_causal_lm, load_source_model, load_tokenizer, resolve_precision
+from rlhf.importers import QUARANTINE_SCHEMA, import_comparisons, read_records, write_quarantine
+from rlhf.models import load_causal_lm
 from rlhf.params import EMBEDDED_POLICY, EMBEDDED_PROMPTS, CollectParams, ModelParams, ParamError, load_params
+from rlhf.paths import BASE_DIR, COLLECTED as OUT, FEEDBACK_COMPARISONS, SERVED_PROMPTS
+from rlhf.prompts import embedded_prompt_records
+from rlhf.rollouts import sample_k
+from rlhf.stage import TransientError, run_stage
 
-BASE_DIR = "models/base"
-OUT = "data/comparisons/collected.parquet"
 JUDGEMENTS = "data/comparisons/judgements.parquet"
+IMPORT_QUARANTINE = "data/comparisons/import_quarantine.parquet"  # lines of collect.import_data not imported, with why
 METRICS = "metrics/collect.json"
-TRANSIENT_EXIT = 75  # EX_TEMPFAIL: the cycle's Prefect task retries a stage that exits with it
-TABLE_SUFFIXES = (".jsonl.gz", ".jsonl", ".parquet")
 
 
 # ------------------------------------------------------------------------------------------------
-# Reading prompt pools and preference sets
+# Reading prompt pools (rlhf/importers.py reads the files)
 # ------------------------------------------------------------------------------------------------
-
-def read_records(source: str, hub_split: str, param: str) -> list[tuple[str, list[dict]]]:
-    """(name, records) for each file of `source`: a .jsonl/.jsonl.gz/.parquet file, a folder of them, or a hub id.
-
-    A file's name is its folder and its path without suffixes (hh-rlhf/helpful-base/test); `param`
-    names the setting in error messages.
-    """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.is_file() and f.name.endswith(TABLE_SUFFIXES))
-        if not files:
-            raise ParamError(f"{param} is '{source}', a folder with no {', '.join(TABLE_SUFFIXES)} file in it. "
-                             "Point it at a data file, or at a folder that holds some.")
-        return [(f"{path.resolve().name}/{_without_suffix(f.relative_to(path).as_posix())}", _read_file(f)) for f in files]
-    if path.is_file():
-        if not path.name.endswith(TABLE_SUFFIXES):
-            raise ParamError(f"{param} is '{source}': a {path.suffix or 'suffix-less'} file. Use {', '.join(TABLE_SUFFIXES)}.")
-        return [(f"{path.resolve().parent.name}/{_without_suffix(path.name)}", _read_file(path))]
-    if source.startswith((".", "/", "~")) or source.endswith(TABLE_SUFFIXES):
-        raise ParamError(f"{param} is '{source}', but no file or folder is there. Fix the path (it is read from the project root).")
-    try:
-        import datasets
-
-        return [(source, list(datasets.load_dataset(source, split=hub_split)))]
-    except Exception as error:  # the hub client raises many kinds; all mean the same to the user
-        raise ParamError(
-            f"{param} is '{source}', taken as a Hugging Face hub dataset id, and loading split '{hub_split}' failed "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Offline, export the data set "
-            f"to a local .jsonl or .parquet file and point {param} at it."
-        ) from None
-
-
-def _without_suffix(name: str) -> str:
-    for suffix in TABLE_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _read_file(path: Path) -> list[dict]:
-    if path.name.endswith(".parquet"):
-        return pd.read_parquet(path).to_dict("records")
-    opener = gzip.open if path.name.endswith(".gz") else open
-    records = []
-    with opener(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                records.append(json.loads(raw.decode("utf-8")))
-            except UnicodeDecodeError as error:
-                raise ParamError(f"{path}, line {n}: not valid UTF-8 (byte {error.start} of the line). JSON Lines must be "
-                                 "UTF-8; re-export the file as UTF-8 or remove the line.") from None
-            except json.JSONDecodeError as error:
-                raise ParamError(f"{path}, line {n}: not valid JSON ({error}). Fix or remove the line.") from None
-    return records
-
 
 def load_prompts(params: CollectParams) -> list[str]:
     """The prompt pool, duplicates removed, then `num_prompts` of it drawn with the seed."""
     if params.prompts == EMBEDDED_PROMPTS:
-        text = resources.files("rlhf.data").joinpath("prompts.jsonl").read_text(encoding="utf-8")
-        sources = [("the embedded prompt pool", [json.loads(line) for line in text.splitlines() if line.strip()])]
+        sources = [("the embedded prompt pool", embedded_prompt_records())]
     else:
         sources = read_records(params.prompts, params.hub_split, "collect.prompts")
     prompts = []
@@ -147,10 +91,10 @@ def load_prompts(params: CollectParams) -> list[str]:
 
 
 def _refeed_snapshot(path: str) -> str:
-    """`path`, a snapshot the refeed stage (`python -m rlhf.feedback`) wrote from the model server's feedback store."""
+    """`path`, a snapshot the refeed stage (`python -m rlhf.refeed`) wrote from the model server's feedback store."""
     if not Path(path).exists():
         raise ParamError(f"collect.sources includes 'feedback', but {path} is missing. The refeed stage writes it from "
-                         "the model server's feedback store (serve.database): run `python -m rlhf.feedback` (or "
+                         "the model server's feedback store (serve.database): run `python -m rlhf.refeed` (or "
                          "`dvc repro refeed`) first, or drop 'feedback' from collect.sources.")
     return path
 
@@ -159,30 +103,13 @@ def _refeed_snapshot(path: str) -> str:
 # Policy sampling
 # ------------------------------------------------------------------------------------------------
 
-def render_prompt(tokenizer, prompt: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-
-
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: list[str], params: CollectParams, progress=None) -> tuple[list[tuple[str, str]], int]:
-    """Two samples per prompt, one `generate` call per batch of prompts; and the number of tokens generated."""
-    tokenizer.padding_side = "left"  # every row continues from the right edge
-    pairs, n_tokens = [], 0
-    for start in range(0, len(prompts), params.batch_size):
-        group = prompts[start:start + params.batch_size]
-        batch = tokenizer([render_prompt(tokenizer, p) for p in group], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(model.device)
-        out = model.generate(**batch, do_sample=True, temperature=params.temperature, top_p=params.top_p,
-                             max_new_tokens=params.max_new_tokens, num_return_sequences=2, use_cache=True,
-                             pad_token_id=tokenizer.pad_token_id)
-        new = out[:, batch["input_ids"].shape[1]:]  # (2·B, T): samples of prompt i in rows 2i and 2i+1
-        n_tokens += int((new != tokenizer.pad_token_id).sum())
-        texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-        pairs += [(texts[2 * i], texts[2 * i + 1]) for i in range(len(group))]
-        if progress is not None:
-            progress.update(len(group))
-            progress.set_postfix(tok_s=f"{n_tokens / max(progress.format_dict['elapsed'], 1e-9):.0f}")
-    return pairs, n_tokens
+    """Two samples per prompt, `batch_size` prompts a decoding call; and the number of tokens generated."""
+    texts = [render_prompt(tokenizer, p) for p in prompts]
+    samples = sample_k(model, tokenizer, texts, 2, params.max_new_tokens, params.temperature, 2 * params.batch_size,
+                       params.top_k, params.top_p, add_special_tokens=False, progress=progress)
+    return [(a.strip(), b.strip()) for a, b in samples.texts], samples.generated_tokens
 
 
 def sample_pairs(model, tokenizer, prompts: list[str], params: CollectParams) -> tuple[list[tuple[str, str, str]], dict]:
@@ -192,7 +119,7 @@ def sample_pairs(model, tokenizer, prompts: list[str], params: CollectParams) ->
     still identical, it is dropped and counted (`collect/dropped_identical`).
     """
     tic = time.perf_counter()
-    with tqdm(total=len(prompts), desc="sample", unit="prompt") as progress:
+    with tqdm(total=2 * len(prompts), desc="sample", unit="response") as progress:
         first, n_tokens = sample_responses(model, tokenizer, prompts, params, progress)
     pairs = dict(enumerate(first))
     resampled = 0
@@ -300,7 +227,7 @@ def verdict_margin(top_logprobs: list[dict]) -> float:
     return best["A"] - best["B"]
 
 
-class JudgeUnreachable(RuntimeError):
+class JudgeUnreachable(TransientError):
     """The judge server did not answer; worth a retry of the stage."""
 
 
@@ -469,89 +396,6 @@ def make_judge(params: CollectParams, model_params: ModelParams) -> MarginFn:
 
 
 # ------------------------------------------------------------------------------------------------
-# Import
-# ------------------------------------------------------------------------------------------------
-
-HH_ASSISTANT = "\n\nAssistant:"
-HH_HUMAN = "\n\nHuman:"
-
-
-def split_hh_transcript(chosen: str, rejected: str) -> tuple[str, str, str] | None:
-    """(prompt, chosen reply, rejected reply) of an hh-rlhf pair, or None when the two transcripts share no
-    prompt that ends with an Assistant turn.
-
-    The prompt is the shared prefix up to its last "\\n\\nAssistant:"; each reply is what follows it
-    (a reply that itself runs on into more turns keeps them). A one-question prompt loses its
-    "Human:" label; a longer conversation stays a transcript.
-    """
-    shared = os.path.commonprefix([chosen, rejected])
-    cut = shared.rfind(HH_ASSISTANT)
-    if cut < 0:
-        return None
-    prompt = chosen[:cut]
-    if prompt.count(HH_HUMAN) == 1 and prompt.startswith(HH_HUMAN) and HH_ASSISTANT not in prompt:
-        prompt = prompt[len(HH_HUMAN):]
-    start = cut + len(HH_ASSISTANT)
-    return prompt.strip(), chosen[start:].strip(), rejected[start:].strip()
-
-
-def place_pair(pair_id: str, chosen, rejected, seed: int) -> tuple[object, object, str]:
-    """(response_a, response_b, label): the preferred response goes first or second by a seeded hash of the
-    pair id, so imported labels are balanced across positions (data sets store the preferred one first)."""
-    if hashlib.sha256(f"{seed}:{pair_id}".encode()).digest()[0] % 2 == 0:
-        return chosen, rejected, "a"
-    return rejected, chosen, "b"
-
-
-def _text_field(record: dict, key: str, where: str, allow_null: bool):
-    if key not in record:
-        raise ParamError(f"{where}: no `{key}` field (the row has: {', '.join(sorted(map(str, record))) or 'nothing'}). "
-                         "Map the right columns with collect.import_prompt_field / import_chosen_field / import_rejected_field.")
-    value = record[key]
-    if isinstance(value, str) or (allow_null and value is None):
-        return value
-    raise ParamError(f"{where}: `{key}` is a {type(value).__name__}, not a text. This format needs text columns; if the "
-                     "set stores conversations as message lists, export the final messages as text first.")
-
-
-def import_comparisons(params: CollectParams, created_at: pd.Timestamp) -> tuple[pd.DataFrame, dict]:
-    """Rows of the comparison schema from `collect.import_data`, and the counts."""
-    if not params.import_data:
-        raise ParamError("params.yaml: collect.sources includes 'import', but collect.import_data is empty. Point it at a "
-                         "file, a folder or a hub dataset id (for example ../shared/data/hh-rlhf), or drop 'import'.")
-    files = read_records(params.import_data, params.hub_split, "collect.import_data")
-    if params.import_format == "comparisons":
-        frame = pd.concat([pd.DataFrame.from_records(records) for _, records in files], ignore_index=True)
-        rows, unparsed = frame.to_dict("records"), 0
-    else:
-        rows, unparsed = [], 0
-        for name, records in files:
-            for line, record in enumerate(records, start=1):
-                pair_id, where = f"{name}:{line}", f"{params.import_data} ({name}, row {line})"
-                if params.import_format == "hh-rlhf":
-                    parts = split_hh_transcript(_text_field(record, params.import_chosen_field, where, False),
-                                                _text_field(record, params.import_rejected_field, where, False))
-                    if parts is None:
-                        unparsed += 1
-                        continue
-                    prompt, chosen, rejected = parts
-                else:
-                    prompt, chosen, rejected = (_text_field(record, key, where, True) for key in (
-                        params.import_prompt_field, params.import_chosen_field, params.import_rejected_field))
-                response_a, response_b, label = place_pair(pair_id, chosen, rejected, params.seed)
-                rows.append({"pair_id": pair_id, "prompt": prompt, "response_a": response_a, "response_b": response_b,
-                             "chosen": label, "source": f"import:{name}", "policy_version": None, "votes": None,
-                             "agreement": None, "created_at": created_at})
-    available = len(rows)
-    if params.import_limit and params.import_limit < len(rows):
-        keep = sorted(random.Random(params.seed).sample(range(len(rows)), params.import_limit))
-        rows = [rows[i] for i in keep]
-    frame = pd.DataFrame(rows, columns=list(COLUMNS)) if rows else pd.DataFrame(columns=list(COLUMNS))
-    return frame, {"collect/import_available": available, "collect/imported": len(frame),
-                   "collect/import_unparsed": unparsed}
-
-
-# ------------------------------------------------------------------------------------------------
 # The stage
 # ------------------------------------------------------------------------------------------------
 
@@ -581,12 +425,13 @@ def policy_comparisons(params: CollectParams, model_params: ModelParams, created
     return rows, judged, metrics
 
 
-def collect(params, out: str = OUT, judgements_out: str = JUDGEMENTS) -> dict:
+def collect(params, out: str = OUT, judgements_out: str = JUDGEMENTS, quarantine_out: str = IMPORT_QUARANTINE) -> dict:
     """Make the comparison rows of every configured source, write them, and return the metrics."""
     p = params.collect
     tic = time.perf_counter()
     created_at = pd.Timestamp.now(tz="UTC")
     frames, metrics = [], {}
+    quarantine = QUARANTINE_SCHEMA.empty_table().to_pandas()  # written even without 'import': a DVC output
     judged = pd.DataFrame(columns=["pair_id", "judge", "margin_ab", "margin_ba", "rubric_margin", "bias",
                                    "vote_ab", "vote_ba", "chosen", "outcome"])
     for source in p.sources:
@@ -597,12 +442,13 @@ def collect(params, out: str = OUT, judgements_out: str = JUDGEMENTS) -> dict:
             m = {"collect/feedback_comparisons": len(rows),
                  "collect/served_prompts": len(pd.read_parquet(_refeed_snapshot(SERVED_PROMPTS), columns=["prompt"]))}
         else:
-            rows, m = import_comparisons(p, created_at)
+            rows, quarantine, m = import_comparisons(p, created_at)
         frames.append(rows)
         metrics.update(m)
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     write_comparisons(frame, out)
     _write_parquet(judged, judgements_out)
+    write_quarantine(quarantine, quarantine_out)
     metrics["collect/rows"] = len(frame)
     metrics["collect/seconds"] = round(time.perf_counter() - tic, 1)
     return metrics
@@ -620,23 +466,21 @@ def main() -> int:
     params = load_params()
     logged = {"collect": params.section("collect"), "model.policy": params.model.policy,
               "model.precision": params.model.precision}
-    try:
-        with tracking.stage_run("collect", logged):
-            metrics = collect(params)
-            tracking.log_outputs("collect", {"collected": OUT, "judgements": JUDGEMENTS})
-            tracking.write_metrics(METRICS, metrics)
-    except JudgeUnreachable as error:
-        print(f"error: {error}", file=sys.stderr)
-        return TRANSIENT_EXIT
+    with tracking.stage_run("collect", logged):
+        metrics = collect(params)
+        tracking.log_outputs("collect", {"collected": OUT, "judgements": JUDGEMENTS, "import_quarantine": IMPORT_QUARANTINE})
+        tracking.write_metrics(METRICS, metrics)
     print(f"collect: {metrics['collect/rows']} rows -> {OUT}"
           + (f"; {metrics['collect/pairs_sampled']} sampled pairs ({metrics['collect/dropped_identical']} dropped as "
              f"identical), judge: {metrics['judge/labelled']} labelled, {metrics['judge/ties']} ties, "
              f"{metrics['judge/inconsistent']} inconsistent" if "judge/pairs" in metrics else "")
-          + (f"; {metrics['collect/imported']} imported" if "collect/imported" in metrics else ""))
+          + (f"; {metrics['collect/imported']} imported of {metrics['collect/import_lines']} lines, "
+             f"{metrics['collect/import_quarantined']} quarantined ("
+             + (", ".join(f"{k.rsplit('/', 1)[1]}: {v}" for k, v in metrics.items()
+                          if k.startswith("collect/import_quarantined/")) or "none")
+             + f") -> {IMPORT_QUARANTINE}" if "collect/imported" in metrics else ""))
     return 0
 
 
 if __name__ == "__main__":
-    from rlhf.cli import run_stage
-
     run_stage(main)

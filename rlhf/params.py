@@ -50,6 +50,31 @@ class ModelParams:
     precision: Literal["auto", "bf16", "fp32"] = _f("auto", "'bf16' where the hardware has fast bf16 (AVX512-BF16/AMX CPUs, GPUs), 'fp32' otherwise; 'auto' picks")
 
 
+def _task_generators_ok(generators) -> bool:
+    return len(generators) >= 1 and all(
+        isinstance(g.get("name"), str) and set(g) <= {"name", "config", "weight"}
+        and isinstance(g.get("config", {}), dict)
+        and isinstance(g.get("weight", 1.0), (int, float)) and not isinstance(g.get("weight", 1.0), bool)
+        and g.get("weight", 1.0) > 0
+        for g in generators)
+
+
+@dataclass(frozen=True)
+class TasksParams:
+    # The embedded default bakes the same defaults in (the first entry, 2 one-digit terms added, is where the
+    # base policy has room: greedy 0.21, pass@8 0.54; benchmarks/results/verifier_headroom.json).
+    generators: list[dict] = _f(
+        ({"name": "basic_arithmetic", "weight": 1.0,
+          "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"]}},),
+        "reasoning-gym generators of the verifiable tasks, mixed by weight: each `{name: <dataset>, config: {...}, weight: 1.0}`, config as the dataset's config class takes it (its seed and size are set here)",
+        "must be a non-empty list of mappings with a string `name`, an optional mapping `config` and an optional `weight` > 0, and no other keys",
+        _task_generators_ok)
+    train_seed: int = _f(1, "seed of the tasks the pipeline trains and collects on (held-out questions are always left out)")
+    heldout_seed: int = _f(2, "seed of the held-out tasks that measure gold accuracy; no stage trains on them")
+    heldout_size: int = _f(200, "held-out tasks, distinct questions (the acceptance figure wants >= 200)", "must be >= 1", _positive)
+    instruction: str = _f("Give only the final answer.", "text after each task's question in the prompt the policy sees")
+
+
 @dataclass(frozen=True)
 class SftParams:
     data: str = _f(EMBEDDED_DEMONSTRATIONS, "demonstrations: 'embedded:demonstrations', a local .jsonl/.parquet file, or a hub dataset id")
@@ -77,6 +102,76 @@ class SftParams:
         return self.lora_r > 0
 
 
+# collect.import_mapping: its keys, what each names (README "Importing preference data" has worked examples)
+IMPORT_MAPPING_KEYS = {
+    "id": "the data set's own id of a row (a path, or a list of paths whose values are joined with '/')",
+    "prompt": "the prompt: a text, or a message list rendered as a transcript",
+    "chosen": "the preferred response: a text, or a message list ending in it",
+    "rejected": "the other response, as `chosen`",
+    "response_a": "the first of two responses, in the order shown: a text, or a message list ending in it",
+    "response_b": "the second response, as `response_a`",
+    "winner": "which of response_a / response_b won: an index or a label, read through `winner_values`",
+    "winner_values": "each value `winner` takes, as the label it means: {0: a, 1: b} or {model_a: a, model_b: b, tie: tie}",
+    "score_a": "a number for response_a (with score_b): the higher score wins, equal scores are a tie",
+    "score_b": "a number for response_b",
+    "rater": "who judged the row: one row per rater, and the rows of one pair become its votes and agreement",
+}
+
+
+def _import_mapping_ok(mapping) -> bool:
+    """True for a usable collect.import_mapping; otherwise a ParamError that names the key and the fix."""
+    if not mapping:
+        return True
+    problem = import_mapping_problem(mapping)
+    if problem:
+        raise ParamError(f"params.yaml: `collect.import_mapping` {problem} The keys are: {', '.join(IMPORT_MAPPING_KEYS)} "
+                         "(README, 'Importing preference data', shows each shape). Edit it and run again.")
+    return True
+
+
+def import_mapping_problem(mapping: dict) -> str | None:
+    """What is wrong with a collect.import_mapping, as the middle of a sentence, or None."""
+    for key in mapping:
+        if key not in IMPORT_MAPPING_KEYS:
+            close = difflib.get_close_matches(str(key), IMPORT_MAPPING_KEYS, n=1)
+            return f"has the key `{key}`, which is not one it knows.{f' Did you mean `{close[0]}`?' if close else ''}"
+    for key, value in mapping.items():
+        paths = value if key == "id" and isinstance(value, list) else [value]
+        if key != "winner_values" and not (paths and all(isinstance(p, str) and p.strip() for p in paths)):
+            return (f"has `{key}: {value!r}`, but `{key}` names a field: a path such as `question`, `meta.question` or "
+                    f"`answers.0`{' (or a list of them)' if key == 'id' else ''}.")
+    has = set(mapping)
+    if {"chosen", "rejected"} & has and {"response_a", "response_b"} & has:
+        return ("names both chosen/rejected and response_a/response_b; a pair is one or the other: the preferred response "
+                "and the other, or two responses in the order shown with a winner or scores.")
+    pair = ("chosen", "rejected") if {"chosen", "rejected"} & has else ("response_a", "response_b")
+    if not set(pair) <= has:
+        return f"names `{(set(pair) & has).pop() if set(pair) & has else pair[0]}` without its partner: a pair needs both `{pair[0]}` and `{pair[1]}`."
+    judged_by = [k for k in ("winner", "winner_values", "score_a", "score_b", "rater") if k in has]
+    if pair[0] == "chosen":
+        if judged_by:
+            return (f"names `{judged_by[0]}` beside chosen/rejected, which already say which response won. Map the two "
+                    "responses as response_a / response_b with winner or score_a / score_b, or drop it.")
+        return None
+    if ("winner" in has) == ("score_a" in has or "score_b" in has):
+        return "needs one way to tell the winner of response_a / response_b: `winner` with `winner_values`, or `score_a` and `score_b`."
+    if "winner" in has:
+        values = mapping.get("winner_values")
+        if not isinstance(values, dict) or not values:
+            return ("has `winner` but no `winner_values` saying what each of its values means, for example "
+                    "`winner_values: {0: a, 1: b}` or `{model_a: a, model_b: b, tie: tie}`.")
+        bad = {k: v for k, v in values.items() if v not in ("a", "b", "tie")}  # rlhf.comparisons.CHOICES
+        if bad:
+            return f"has winner_values {bad}; each value of `winner` must map to 'a', 'b' or 'tie'."
+        if any(not isinstance(k, (str, int, bool)) for k in values):
+            return f"has winner_values keys {list(values)}; each must be a text, an integer or true/false, as `winner` holds them."
+    elif "winner_values" in has:
+        return "has `winner_values` but no `winner` field to read them from."
+    elif not {"score_a", "score_b"} <= has:
+        return "names one score without the other: a pair judged by scores needs both `score_a` and `score_b`."
+    return None
+
+
 @dataclass(frozen=True)
 class CollectParams:
     sources: list[Literal["policy", "import", "feedback"]] = _f(("policy", "feedback"), "where comparisons come from, mixed: 'policy' (two samples per prompt, AI-judged), 'import' (a preference data set) and/or 'feedback' (the served model's users: their prompts join the pool first, their ratings become rows; from the refeed stage's snapshots in data/feedback/)", "must name at least one source, each once", lambda v: len(v) >= 1 and len(set(v)) == len(v))
@@ -86,6 +181,7 @@ class CollectParams:
     policy: str = _f("models/base", "checkpoint folder that samples the pairs (models/base is model.policy as prepared)")
     temperature: float = _f(0.9, "sampling temperature", "must be > 0; 0.7 to 1.0 is usual", _positive)
     top_p: float = _f(0.95, "nucleus sampling: keep the smallest token set with this much probability", "must lie in (0, 1]", lambda v: 0 < v <= 1)
+    top_k: int = _f(50, "sample from the k most likely tokens only (transformers' default); 0 for no limit", "must be >= 0", lambda v: v >= 0)
     max_new_tokens: int = _f(96, "longest sampled response in tokens", "must be >= 1", _positive)
     batch_size: int = _f(16, "prompts per generate call (two samples each), and pairs per judge forward pass (both orders)", "must be >= 1", _positive)
     resample_identical: int = _f(2, "extra sampling rounds for pairs whose two responses are identical; a pair still identical is dropped and counted", "must be >= 0", _non_negative)
@@ -99,7 +195,9 @@ class CollectParams:
     rubric_relevance_weight: float = _f(8.0, "log-odds added per unit of cosine-relevance difference when judge_rubric is on", "must be >= 0", _non_negative)
     rubric_toxicity_weight: float = _f(8.0, "log-odds taken off per unit of toxicity-probability difference when judge_rubric is on", "must be >= 0", _non_negative)
     import_data: str = _f("", "preference set to import: a .jsonl/.jsonl.gz/.parquet file, a folder of them, or a hub dataset id")
-    import_format: Literal["hh-rlhf", "pairs", "comparisons"] = _f("hh-rlhf", "'hh-rlhf': Anthropic chosen/rejected transcripts; 'pairs': prompt/chosen/rejected columns; 'comparisons': rows already in the comparison schema")
+    import_format: Literal["hh-rlhf", "pairs", "comparisons", "mapped"] = _f("hh-rlhf", "'hh-rlhf': Anthropic chosen/rejected transcripts; 'pairs': prompt/chosen/rejected columns; 'comparisons': rows already in the comparison schema; 'mapped': where collect.import_mapping says")
+    import_mapping: dict | None = _f(None, "for import_format 'mapped': the field (dotted path) of each part of a pair, and how the winner is told; README 'Importing preference data'", "must use known keys and name one pair shape", _import_mapping_ok)
+    import_max_chars: int = _f(100_000, "most characters one text of an imported row may hold; a row with a longer one is quarantined (too_long)", "must be >= 1", _positive)
     import_prompt_field: str = _f("prompt", "column holding the prompt ('pairs')")
     import_chosen_field: str = _f("chosen", "column holding the preferred response ('pairs') or transcript ('hh-rlhf')")
     import_rejected_field: str = _f("rejected", "column holding the other response ('pairs') or transcript ('hh-rlhf')")
@@ -221,6 +319,7 @@ class ServeParams:
 @dataclass(frozen=True)
 class Params:
     model: ModelParams
+    tasks: TasksParams
     collect: CollectParams
     validate: ValidateParams
     sft: SftParams
@@ -297,7 +396,7 @@ def _build_section(cls: type, name: str, raw: Any, source: str):
     return cls(**values)
 
 
-SECTIONS = {"model": ModelParams, "collect": CollectParams, "validate": ValidateParams, "sft": SftParams,
+SECTIONS = {"model": ModelParams, "tasks": TasksParams, "collect": CollectParams, "validate": ValidateParams, "sft": SftParams,
             "reward_model": RewardModelParams, "ppo": PpoParams,
             "evaluate": EvaluateParams, "promote": PromoteParams, "serve": ServeParams}
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import time
 
 from rlhf import tracking
-from rlhf.models import count_parameters, load_source_model, resolve_precision, save_checkpoint
+from rlhf.checkpoints import count_parameters, load_source_model, resolve_precision, save_checkpoint
 from rlhf.params import load_params
+from rlhf.paths import BASE_DIR as OUT_DIR
+from rlhf.stage import run_stage
 
-OUT_DIR = "models/base"
 METRICS = "metrics/prepare.json"
 
 
@@ -35,6 +36,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from rlhf.cli import run_stage
-
     run_stage(main)

@@ -21,13 +21,11 @@ from mlflow.models import infer_signature
 from rlhf import tracking
 from rlhf.comparisons import read_comparisons
 from rlhf.params import PromoteParams, load_params
+from rlhf.paths import EVALUATION, POLICY_DIR, REWARD_DIR, TRAIN_COMPARISONS as COMPARISONS
+from rlhf.registry import CHALLENGER, CHAMPION
+from rlhf.stage import run_stage
 
-POLICY_DIR = "models/ppo"
-REWARD_DIR = "models/reward"
-EVALUATION = "metrics/evaluate.json"
-COMPARISONS = "data/comparisons/train.parquet"
 METRICS = "metrics/promote.json"
-CHAMPION, CHALLENGER = "champion", "challenger"
 GATE_FIGURES = ("win_rate_lower", "truthfulness_mc2", "toxicity_probability", "kl")
 
 
@@ -107,7 +105,9 @@ class CheckpointModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from transformers import AutoModelForSequenceClassification
 
-        from rlhf.models import load_causal_lm, load_tokenizer
+        from rlhf.checkpoints import load_tokenizer
+
+        from rlhf.models import load_causal_lm
 
         folder = context.artifacts["checkpoint"]
         self.tokenizer = load_tokenizer(folder)
@@ -117,14 +117,15 @@ class CheckpointModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         import torch
 
+        from rlhf.chat import prompt_ids
+
         texts = list(model_input.iloc[:, 0]) if hasattr(model_input, "iloc") else list(model_input)
         outputs = []
         with torch.no_grad():
             for text in texts:
                 if self.task == "text-generation":
-                    prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                                add_generation_prompt=True, tokenize=False)
-                    ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+                    query = torch.tensor([prompt_ids(self.tokenizer, text)])
+                    ids = {"input_ids": query, "attention_mask": torch.ones_like(query)}
                     out = self.model.generate(**ids, max_new_tokens=(params or {}).get("max_new_tokens", 128), do_sample=False)
                     outputs.append(self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
                 else:
@@ -191,16 +192,6 @@ def rollback(name: str, reason: str, by: str | None = None) -> str:
     return str(target)
 
 
-def champion_checkpoint(name: str, alias: str = CHAMPION) -> Path:
-    """Download `models:/<name>@<alias>` and return the folder that holds its transformers checkpoint."""
-    tracking.use_project_store()
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}"))
-    configs = sorted(local.rglob("config.json"), key=lambda p: len(p.parts))
-    if not configs:
-        raise FileNotFoundError(f"models:/{name}@{alias} holds no transformers checkpoint (no config.json in {local}).")
-    return configs[0].parent
-
-
 def lineage_tags() -> dict:
     """Git commit, DVC hashes of the models, data and params, and the comparison counts per source."""
     tags = {"git.commit": tracking.git_commit()}
@@ -240,7 +231,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from rlhf.cli import run_stage
-
     run_stage(main)
 

@@ -27,22 +27,21 @@ import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, get_linear_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
 from rlhf import tracking
+from rlhf.chat import prompt_and_reply_ids
+from rlhf.checkpoints import count_parameters, load_tokenizer, resolve_precision, save_checkpoint
 from rlhf.comparisons import read_comparisons
-from rlhf.models import (ATTENTION, adapter_inputs_uncast, add_lora, count_parameters, load_tokenizer,
-                         resolve_precision, save_checkpoint, without_peft)
+from rlhf.models import add_lora, load_scalar_model, without_peft
+from rlhf.parallel import process_share
 from rlhf.params import ParamError, RewardModelParams, load_params
-from rlhf.sft import process_share
+from rlhf.paths import REWARD_DIR as OUT_DIR, SFT_DIR, TRAIN_COMPARISONS, VAL_COMPARISONS
+from rlhf.rewards import NORMALIZATION_KEY, TokenScorer, pad_right, reward_at_last_token, rewards
+from rlhf.stage import log_step, run_stage
 
-SFT_DIR = "models/sft"
-TRAIN_COMPARISONS = "data/comparisons/train.parquet"
-VAL_COMPARISONS = "data/comparisons/validation.parquet"
-OUT_DIR = "models/reward"
 METRICS = "metrics/reward_model.json"
 PLOT = "plots/reward_model.csv"
-NORMALIZATION_KEY = "reward_normalization"  # config.json entry: {"mean", "std", "responses"}
 STATS_PAIRS = 1000  # training pairs scored for the reward normalisation
 
 
@@ -60,46 +59,6 @@ class Pair:
 def preference_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) -> torch.Tensor:
     # L = −log σ(R₊ − R₋), mean over pairs
     return -F.logsigmoid(reward_chosen - reward_rejected).mean()
-
-
-def reward_at_last_token(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """R = the head's output at the last position whose attention mask is 1. (B, T) -> (B,)
-
-    The rightmost attended position, so it holds for right and left padding alike.
-    """
-    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
-    last = (positions * attention_mask).argmax(dim=1)
-    return scores[torch.arange(scores.size(0), device=scores.device), last]
-
-
-def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The scalar head at every position, (B, T) in fp32; PPO reads these as per-token values."""
-    inner = without_peft(model)
-    backbone = getattr(inner, inner.base_model_prefix)
-    with adapter_inputs_uncast(model, input_ids.device.type):
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids).last_hidden_state
-    return inner.score(hidden).squeeze(-1).float()
-
-
-def rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    return reward_at_last_token(token_scores(model, input_ids, attention_mask), attention_mask)
-
-
-class TokenScorer(torch.nn.Module):
-    """`token_scores` as a module's forward, for training under DDP.
-
-    DDP all-reduces gradients only of passes through its own forward; `token_scores` on the wrapped model
-    would bypass it, so it wraps this module instead.
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, position_ids=None):
-        return token_scores(self.model, input_ids, attention_mask, position_ids)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,13 +92,7 @@ def encode(tokenizer, prompt: str, response: str, max_seq_len: int) -> list[int]
     A long prompt loses its beginning (the end of a conversation matters most) and a long response
     its end; when both are long, each keeps half.
     """
-    user = [{"role": "user", "content": prompt}]
-    prompt_text = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-    full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError("the chat template renders the prompt differently inside a whole conversation")
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    prompt_ids, response_ids = prompt_and_reply_ids(tokenizer, prompt, response)
     keep_prompt = min(len(prompt_ids), max(max_seq_len - len(response_ids), max_seq_len // 2))
     keep_response = min(len(response_ids), max_seq_len - keep_prompt)
     return prompt_ids[len(prompt_ids) - keep_prompt:] + response_ids[:keep_response]
@@ -148,17 +101,6 @@ def encode(tokenizer, prompt: str, response: str, max_seq_len: int) -> list[int]
 def encode_pairs(tokenizer, pairs: list[Pair], max_seq_len: int) -> list[tuple[list[int], list[int]]]:
     return [(encode(tokenizer, p.prompt, p.chosen, max_seq_len), encode(tokenizer, p.prompt, p.rejected, max_seq_len))
             for p in pairs]
-
-
-def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask, (B, T), padded on the right."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, s in enumerate(sequences):
-        input_ids[row, :len(s)] = torch.tensor(s)
-        attention_mask[row, :len(s)] = 1
-    return input_ids, attention_mask
 
 
 def stack_pairs(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,36 +129,9 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
 # Model
 # ------------------------------------------------------------------------------------------------
 
-def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, dict]:
-    """A checkpoint of this stage and its reward normalisation {"mean", "std", "responses"}."""
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"no reward model at {path} (config.json is missing). Run `dvc repro reward_model`.")
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, attn_implementation=ATTENTION)
-    if model.config.num_labels != 1:
-        raise ParamError(
-            f"{path} has num_labels={model.config.num_labels}, but a reward model gives one scalar per response. "
-            "Train it with this stage (`dvc repro reward_model`), or load a classifier with num_labels=1."
-        )
-    stats = getattr(model.config, NORMALIZATION_KEY, None)
-    if not stats:
-        raise ParamError(
-            f"{path}/config.json has no `{NORMALIZATION_KEY}`, so PPO cannot put its rewards in standard units. "
-            "Retrain it with `dvc repro reward_model`, which stores the statistics of the training rewards there."
-        )
-    if not stats.get("std", 0) > 0:
-        raise ParamError(
-            f"{path}/config.json: `{NORMALIZATION_KEY}` has std {stats.get('std')!r}, so every training response got the "
-            "same reward and PPO cannot normalise by it. The reward model learned nothing; check its comparisons and "
-            "retrain it with `dvc repro reward_model`."
-        )
-    return model, stats
-
-
 def _score_head_model(sft_dir: str, dtype: torch.dtype, params: RewardModelParams):
     """The SFT checkpoint with a fresh scalar head; LoRA keeps the base frozen in `dtype`."""
-    model = AutoModelForSequenceClassification.from_pretrained(
-        sft_dir, num_labels=1, dtype=dtype if params.uses_lora else torch.float32, attn_implementation=ATTENTION)
+    model = load_scalar_model(sft_dir, dtype if params.uses_lora else torch.float32, num_labels=1)
     if model.config.pad_token_id is None:
         raise ParamError(f"{sft_dir}/config.json has no pad_token_id; the reward model needs one to batch responses.")
     if not params.uses_lora:
@@ -295,7 +210,7 @@ def train(params: RewardModelParams, sft_dir: str, precision: str, train_pairs: 
     before = pair_summary(score_pairs(model, accelerator, val_enc, params.batch_size, pad_id, progress=is_main))
     curve = [{"step": 0, "train_loss": None, "train_accuracy": None,
               "val_loss": round(before["loss"], 5), "val_accuracy": round(before["accuracy"], 4)}]
-    _log({"loss/val": before["loss"], "rm/val_accuracy": before["accuracy"]}, step=0)
+    log_step({"loss/val": before["loss"], "rm/val_accuracy": before["accuracy"]}, step=0)
 
     rng = random.Random(params.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -343,7 +258,7 @@ def train(params: RewardModelParams, sft_dir: str, precision: str, train_pairs: 
                 row.update({"loss/val": val["loss"], "rm/val_accuracy": val["accuracy"]})
                 point.update(val_loss=round(val["loss"], 5), val_accuracy=round(val["accuracy"], 4))
             curve.append(point)
-            _log(row, step=step)
+            log_step(row, step=step)
             progress.set_postfix(loss=f"{step_loss:.3f}", acc=f"{step_correct / n_pairs:.2f}",
                                  tok_s=f"{step_tokens / elapsed:.0f}")
             progress.update(1)
@@ -352,7 +267,7 @@ def train(params: RewardModelParams, sft_dir: str, precision: str, train_pairs: 
     val_scores = score_pairs(model, accelerator, val_enc, params.batch_size, pad_id, progress=is_main)
     val = pair_summary(val_scores)
     curve[-1].update(val_loss=round(val["loss"], 5), val_accuracy=round(val["accuracy"], 4))
-    _log({"loss/val": val["loss"], "rm/val_accuracy": val["accuracy"]}, step=step)
+    log_step({"loss/val": val["loss"], "rm/val_accuracy": val["accuracy"]}, step=step)
     # normalisation statistics over the training responses, chosen and rejected alike; a seeded sample
     # of STATS_PAIRS pairs pins mean and std to ~1% while a large import is not scored a second time
     stats_enc = (train_enc if len(train_enc) <= STATS_PAIRS
@@ -389,13 +304,6 @@ def train(params: RewardModelParams, sft_dir: str, precision: str, train_pairs: 
     return {"metrics": metrics, "curve": curve, "val_scores": val_scores}
 
 
-def _log(metrics: dict, step: int) -> None:
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        mlflow.log_metrics(metrics, step=step)
-
-
 def main() -> int:
     params = load_params()
     train_pairs, train_ties = load_pairs(TRAIN_COMPARISONS)
@@ -422,6 +330,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from rlhf.cli import run_stage
-
     run_stage(main)

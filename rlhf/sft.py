@@ -22,12 +22,14 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from rlhf import tracking
-from rlhf.models import (adapter_inputs_uncast, add_lora, count_parameters, load_causal_lm, load_tokenizer,
-                         resolve_precision, save_checkpoint, without_peft)
+from rlhf.chat import prompt_and_reply_ids
+from rlhf.checkpoints import count_parameters, load_tokenizer, resolve_precision, save_checkpoint
+from rlhf.models import adapter_inputs_uncast, add_lora, load_causal_lm, without_peft
+from rlhf.parallel import process_share
 from rlhf.params import EMBEDDED_DEMONSTRATIONS, ParamError, SftParams, load_params
+from rlhf.paths import BASE_DIR, SFT_DIR as OUT_DIR
+from rlhf.stage import log_step, run_stage
 
-BASE_DIR = "models/base"
-OUT_DIR = "models/sft"
 METRICS = "metrics/sft.json"
 PLOT = "plots/sft_loss.csv"
 IGNORE = -100  # label of tokens that carry no loss
@@ -104,17 +106,8 @@ def split_demonstrations(demos: list[Demonstration], val_fraction: float, seed: 
 
 
 def tokenize_demonstration(tokenizer, demo: Demonstration, max_seq_len: int) -> dict:
-    """input_ids and labels; prompt tokens get label IGNORE so only the response is learned.
-
-    The prompt and response are tokenized apart and joined, so the boundary is exact.
-    """
-    user = [{"role": "user", "content": demo.prompt}]
-    prompt_text = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-    full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": demo.response}], tokenize=False)
-    if not full_text.startswith(prompt_text):
-        raise ValueError("the chat template renders the prompt differently inside a whole conversation; cannot mask it")
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    """input_ids and labels; prompt tokens get label IGNORE so only the response is learned."""
+    prompt_ids, response_ids = prompt_and_reply_ids(tokenizer, demo.prompt, demo.response)
     input_ids = (prompt_ids + response_ids)[:max_seq_len]
     labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_seq_len]
     return {"input_ids": input_ids, "labels": labels}
@@ -219,16 +212,6 @@ def batches(examples: list[dict], batch_size: int, rng: random.Random | None):
         yield [examples[i] for i in group]
 
 
-def process_share(items: list, rank: int, world: int) -> tuple[list, float]:
-    """This process's part of a micro-batch under data parallelism (every `world`-th item from `rank`), and its weight.
-
-    Every process builds the same micro-batches (same seed), so each knows the step's global counts. A process
-    whose part is empty runs the first item with weight 0: DDP needs every process in the gradient all-reduce.
-    """
-    mine = items[rank::world]
-    return (mine, 1.0) if mine else (items[:1], 0.0)
-
-
 @torch.no_grad()
 def validation_loss(loss_model: ResponseNll, accelerator, examples: list[dict], batch_size: int, pad_id: int) -> float:
     """Mean response-token NLL over the held-out split."""
@@ -294,7 +277,7 @@ def train(params: SftParams, base_dir: str, precision: str, out_dir: str) -> dic
     curve = [{"step": 0, "train_loss": None, "val_loss": round(val_before, 5)}]
     tracking_metrics = {"loss/val": val_before}
     if accelerator.is_main_process:
-        _log(tracking_metrics, step=0)
+        log_step(tracking_metrics, step=0)
 
     rng = random.Random(params.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -336,7 +319,7 @@ def train(params: SftParams, base_dir: str, precision: str, out_dir: str) -> dic
                 point["val_loss"] = round(row["loss/val"], 5)
             curve.append(point)
             if accelerator.is_main_process:
-                _log(row, step=step)
+                log_step(row, step=step)
             progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{step_tokens / elapsed:.0f}")
             progress.update(1)
     progress.close()
@@ -361,13 +344,6 @@ def train(params: SftParams, base_dir: str, precision: str, out_dir: str) -> dic
     return {"metrics": metrics, "curve": curve}
 
 
-def _log(metrics: dict, step: int) -> None:
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        mlflow.log_metrics(metrics, step=step)
-
-
 def main() -> int:
     params = load_params()
     with tracking.stage_run("sft", {"sft": params.section("sft"), "model.precision": params.model.precision}):
@@ -384,6 +360,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from rlhf.cli import run_stage
-
     run_stage(main)

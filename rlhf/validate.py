@@ -38,16 +38,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rlhf import tracking
+from rlhf.chat import template_tokens
+from rlhf.checkpoints import load_tokenizer, resolve_precision
 from rlhf.comparisons import COLUMNS, SCHEMA, SOURCE_KINDS, write_comparisons
-from rlhf.models import load_tokenizer, resolve_precision
 from rlhf.params import ParamError, ValidateParams, load_params
+from rlhf.paths import BASE_DIR, COLLECTED, TEST_COMPARISONS, TRAIN_COMPARISONS, VAL_COMPARISONS
+from rlhf.stage import run_stage
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
-BASE_DIR = "models/base"  # its tokenizer measures lengths
-COLLECTED = "data/comparisons/collected.parquet"
-SPLITS = {"train": "data/comparisons/train.parquet", "validation": "data/comparisons/validation.parquet",
-          "test": "data/comparisons/test.parquet"}
+SPLITS = {"train": TRAIN_COMPARISONS, "validation": VAL_COMPARISONS, "test": TEST_COMPARISONS}
 QUARANTINE = "data/comparisons/quarantine.parquet"
 METRICS = "metrics/validate.json"
 REPORT_DIR = "reports/validate"  # Data Docs and the validation results, logged to MLflow
@@ -149,9 +149,7 @@ def token_count(tokenizer, text: str, cap: int) -> int:
 
 def pair_tokens(tokenizer, prompts, responses_a, responses_b, cap: int) -> np.ndarray:
     """Prompt + longer response in tokens, with the chat template's own tokens (system prompt, role tags)."""
-    empty = tokenizer.apply_chat_template([{"role": "user", "content": ""}, {"role": "assistant", "content": ""}],
-                                          tokenize=False)
-    template = len(tokenizer(empty, add_special_tokens=False)["input_ids"])
+    template = template_tokens(tokenizer)
     return np.array([template + token_count(tokenizer, p or "", cap)
                      + max(token_count(tokenizer, a or "", cap), token_count(tokenizer, b or "", cap))
                      for p, a, b in zip(prompts, responses_a, responses_b)])
@@ -413,6 +411,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from rlhf.cli import run_stage
-
     run_stage(main)

@@ -12,10 +12,8 @@ import yaml
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
+from rlhf.stage import TRANSIENT_EXIT, USER_ERROR_EXIT
 from rlhf.tracking import PARENT_RUN_ENV
-
-USER_ERROR_EXIT = 2  # a stage's exit code for errors the user must fix (bad params, bad files)
-TRANSIENT_EXIT = 75  # EX_TEMPFAIL: worth a retry (tracking server or network briefly away)
 
 
 class StageFailed(RuntimeError):

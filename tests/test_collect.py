@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from rlhf import collect
-from rlhf.collect import (combine_orders, http_margins, import_comparisons, judge_pairs, load_prompts, place_pair,
-                          position_bias, sample_pairs, split_hh_transcript, transformers_margins, verdict_margin)
+from rlhf.collect import (combine_orders, http_margins, judge_pairs, load_prompts, position_bias, sample_pairs,
+                          transformers_margins, verdict_margin)
+from rlhf.importers import import_comparisons, place_pair, split_hh_transcript
 from rlhf.params import CollectParams, ParamError
 
 from .conftest import SHARED_DATA
@@ -80,7 +81,8 @@ def test_judge_pairs_records_both_orders_and_the_label(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_lm(tiny_model_dir):
-    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.checkpoints import load_tokenizer
+    from rlhf.models import load_causal_lm
 
     return load_causal_lm(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
 
@@ -235,8 +237,9 @@ def test_hh_rlhf_parser_on_real_rows():
     assert parsed == 1200 and identical >= 1  # hh-rlhf has a few identical pairs; validate quarantines them
 
     params = CollectParams(sources=["import"], import_data=str(HH), import_limit=500, seed=0)
-    frame, counts = import_comparisons(params, NOW)
-    assert counts["collect/import_available"] == 8552 and counts["collect/import_unparsed"] == 0
+    frame, quarantine, counts = import_comparisons(params, NOW)
+    assert counts["collect/import_lines"] == counts["collect/import_available"] == 8552
+    assert counts["collect/import_quarantined"] == 0 and quarantine.empty
     assert len(frame) == 500 and frame["pair_id"].is_unique
     assert set(frame["source"]) == {f"import:hh-rlhf/{s}/test" for s in
                                     ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")}
@@ -256,15 +259,19 @@ def test_generic_pairs_import_with_a_field_mapping(tmp_path):
     pd.DataFrame(rows).to_parquet(tmp_path / "more.parquet")
     params = CollectParams(sources=["import"], import_data=str(tmp_path), import_format="pairs",
                            import_prompt_field="question", import_chosen_field="good", import_rejected_field="bad")
-    frame, counts = import_comparisons(params, NOW)
+    frame, _, counts = import_comparisons(params, NOW)
     assert counts["collect/imported"] == 12
     assert set(frame["source"]) == {f"import:{tmp_path.name}/pairs", f"import:{tmp_path.name}/more"}
     for _, row in frame.iterrows():
         winner = row["response_a"] if row["chosen"] == "a" else row["response_b"]
         assert winner.startswith("yes")
 
-    with pytest.raises(ParamError, match="no `prompt` field"):
+    # a field no row has: every line is quarantined alike, which is a mapping to fix, not data to skip
+    with pytest.raises(ParamError, match=r"none of the 12 lines .*\(missing_field: 12\).*no `prompt` in the row"):
         import_comparisons(dataclasses.replace(params, import_prompt_field="prompt"), NOW)
+    # a line that is not UTF-8 is quarantined with its bytes; the other twelve are imported
     (tmp_path / "broken.jsonl").write_bytes(b'{"question": "q", "good": "\xff", "bad": "x"}\n')
-    with pytest.raises(ParamError, match=r"broken.jsonl, line 1: not valid UTF-8"):
-        import_comparisons(params, NOW)
+    frame, quarantine, counts = import_comparisons(params, NOW)
+    assert counts["collect/imported"] == 12 and counts["collect/import_quarantined/invalid_utf8"] == 1
+    assert quarantine[["file", "line", "reason", "raw_encoding"]].values.tolist() == [
+        [str(tmp_path / "broken.jsonl"), 1, "invalid_utf8", "base64"]]

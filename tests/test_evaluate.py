@@ -3,7 +3,6 @@ against the full-sequence reference on a tiny random Llama with a tokenizer trai
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -17,31 +16,25 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from rlhf.evaluate import (
+from rlhf.evaluate import binomial_confidence_interval, win_rate
+from rlhf.toxicity import (expected_maximum_toxicity, load_toxicity_classifier, load_toxicity_prompts,
+                           sample_continuations, score_toxicity, toxicity_probability)
+from rlhf.truthfulqa import (
     ANSWER_DELIMITER,
     MultipleChoiceQuestion,
-    _common_prefix_length,
     _Branches,
+    _common_prefix_length,
     _extend_prefix,
     _loglikelihoods_packed,
     _Prefix,
     _tree_attention_allowed,
-    binomial_confidence_interval,
     encode_context_continuation,
-    expected_maximum_toxicity,
-    load_toxicity_classifier,
-    load_toxicity_prompts,
     load_truthfulqa_mc,
     loglikelihoods_full_sequence,
     mc1_score,
     mc2_score,
-    mean_kl_per_response,
-    sample_continuations,
-    score_toxicity,
-    toxicity_probability,
     truthfulqa_context,
     truthfulqa_scores,
-    win_rate,
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -335,12 +328,3 @@ def test_wilson_interval_matches_known_values():
     low, high = binomial_confidence_interval(5.5, 11, 0.9)
     assert low + high == pytest.approx(1.0)
     assert binomial_confidence_interval(50, 100)[0] > binomial_confidence_interval(5, 10)[0]
-
-
-def test_mean_kl_sums_response_tokens_then_averages_responses():
-    logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]])
-    logp_ref = torch.tensor([[-1.5, -2.0, -1.0], [-2.0, -1.0, -5.0]])
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    # response 1: 0.5 + 0 = 0.5; response 2: 1.0; mean 0.75 (the masked-out tokens would add 2 and 5)
-    assert mean_kl_per_response(logp, logp_ref, mask) == pytest.approx(0.75)
-    assert math.isclose(mean_kl_per_response(logp, logp, mask), 0.0)

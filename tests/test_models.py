@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf.models import load_causal_lm, load_source_model, load_tokenizer, resolve_precision, save_checkpoint
+from rlhf.checkpoints import load_source_model, load_tokenizer, resolve_precision, save_checkpoint
+
+from rlhf.models import load_causal_lm
 from rlhf.params import ModelParams, ParamError
 from tests.conftest import CHATML, build_tiny_model, build_tiny_tokenizer
 
@@ -133,15 +135,15 @@ def test_adapter_inputs_stay_in_bf16_under_autocast_with_the_same_result():
                                                              (7, 7, True, True)])
 def test_multiplied_out_attention_equals_sdpa_in_value_and_gradient(q_len, kv_len, padded, additive,
                                                                     rows_per_chunk, monkeypatch):
-    """rlhf.models.attention (grouped heads, two matmuls, the batch whole or a row at a time) against HF's SDPA
+    """rlhf.attention (grouped heads, two matmuls, the batch whole or a row at a time) against HF's SDPA
     path: causal blocks, left padding, a decoding step over a cache, and a block of new queries after a cache."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from rlhf import models
-    from rlhf.models import attention
+    from rlhf import attention as kernel
+    from rlhf.attention import attention
 
     if rows_per_chunk:
-        monkeypatch.setattr(models, "SCORES_PER_CHUNK", rows_per_chunk * 6 * q_len * kv_len)
+        monkeypatch.setattr(kernel, "SCORES_PER_CHUNK", rows_per_chunk * 6 * q_len * kv_len)
 
     class Layer(torch.nn.Module):
         is_causal, num_key_value_groups = True, 3
@@ -172,7 +174,8 @@ def test_multiplied_out_attention_equals_sdpa_in_value_and_gradient(q_len, kv_le
 
 
 def test_models_load_with_the_project_attention_and_generate_as_with_sdpa(tmp_path):
-    from rlhf.models import ATTENTION, load_causal_lm
+    from rlhf.attention import ATTENTION
+    from rlhf.models import load_causal_lm
 
     build_tiny_model(64).save_pretrained(tmp_path)
     ours, sdpa = load_causal_lm(tmp_path), load_causal_lm(tmp_path)
@@ -191,23 +194,23 @@ def test_models_load_with_the_project_attention_and_generate_as_with_sdpa(tmp_pa
 
 
 def test_attention_leaves_rows_too_long_to_multiply_out_to_sdpa(monkeypatch):
-    from rlhf import models
+    from rlhf import attention as kernel
 
     calls = []
-    monkeypatch.setattr(models, "sdpa_attention_forward", lambda *args, **kwargs: calls.append(args) or (None, None))
-    monkeypatch.setattr(models, "SCORES_PER_CHUNK", 6 * 8 * 8 - 1)  # one row's scores do not fit
+    monkeypatch.setattr(kernel, "sdpa_attention_forward", lambda *args, **kwargs: calls.append(args) or (None, None))
+    monkeypatch.setattr(kernel, "SCORES_PER_CHUNK", 6 * 8 * 8 - 1)  # one row's scores do not fit
 
     class Layer(torch.nn.Module):
         is_causal, num_key_value_groups = True, 3
 
-    models.attention(Layer(), torch.randn(2, 6, 8, 4), torch.randn(2, 2, 8, 4), torch.randn(2, 2, 8, 4), None)
+    kernel.attention(Layer(), torch.randn(2, 6, 8, 4), torch.randn(2, 2, 8, 4), torch.randn(2, 2, 8, 4), None)
     assert len(calls) == 1
 
 
 def test_attention_under_autocast_keeps_rows_without_keys_finite():
     """fp32 inputs under bf16 autocast (full fine-tuning): the mask's bias must be made in bf16, or fp32's lowest
     value rounds to −inf and a row of padding turns into NaN."""
-    from rlhf.models import attention
+    from rlhf.attention import attention
 
     class Layer(torch.nn.Module):
         is_causal, num_key_value_groups = True, 3

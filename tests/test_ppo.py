@@ -9,12 +9,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from rlhf import ppo
+from rlhf import ppo, prompts, rollouts
+from rlhf.chat import prompt_ids, reply_suffix
 from rlhf.params import ParamError, PpoParams, load_params
-from rlhf.ppo import (LinearLogprobEntropy, adaptive_kl_coef, approx_kl, clip_fraction, clipped_policy_loss, cut_at_eos,
-                      explained_variance, gae, kl_penalty, masked_mean, pad_left, policy_forward, reply_suffix,
-                      sample_responses, sample_tokens, token_entropy, token_logprobs, token_rewards, value_loss, whiten)
-from rlhf.reward_model import NORMALIZATION_KEY
+from rlhf.ppo import (adaptive_kl_coef, approx_kl, clip_fraction, clipped_policy_loss, explained_variance, gae, kl_penalty,
+                      masked_mean, token_rewards, value_loss, whiten)
+from rlhf.rewards import NORMALIZATION_KEY
+from rlhf.rollouts import (LinearLogprobEntropy, cut_at_eos, pad_left, policy_forward, sample_responses, sample_tokens,
+                           token_entropy, token_logprobs)
 from tests.conftest import build_tiny_tokenizer
 
 PROMPTS = ["what is two plus two?", "explain why the sky is blue", "write a short poem about rain",
@@ -215,7 +217,7 @@ def tokenizer():
 def test_response_mask_ends_at_the_first_eos():
     eos, pad = 2, 0
     generated = torch.tensor([[7, 8, eos, 9], [eos, eos, eos, eos], [7, 8, 9, 10]])
-    responses, mask, ended = cut_at_eos(generated, eos, pad)
+    responses, mask, ended = cut_at_eos(generated, [eos], pad)
     assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
     assert ended.tolist() == [True, True, False]
     assert responses.tolist() == [[7, 8, eos, pad], [eos, pad, pad, pad], [7, 8, 9, 10]]
@@ -238,11 +240,11 @@ def test_sampling_stops_when_every_row_has_ended_and_pads_after_eos(tiny_model_d
     from rlhf.models import load_causal_lm
 
     model = load_causal_lm(tiny_model_dir).eval()
-    query, query_mask = pad_left([ppo.encode_prompt(tokenizer, p, 64) for p in PROMPTS[:3]], tokenizer.pad_token_id)
+    query, query_mask = pad_left([prompt_ids(tokenizer, p, 64) for p in PROMPTS[:3]], tokenizer.pad_token_id)
     eos = tokenizer.eos_token_id
     with torch.no_grad():  # an EOS-loving model: every row ends at once
         model.lm_head.weight[eos] += 50 * model.lm_head.weight.norm(dim=1).max()
-    responses, mask, ended = sample_responses(model, query, query_mask, 8, 1.0, eos, tokenizer.pad_token_id)
+    responses, mask, ended = sample_responses(model, query, query_mask, 8, 1.0, [eos], tokenizer.pad_token_id)
     assert ended.all() and responses.size(1) < 8
     assert (responses[mask == 0] == tokenizer.pad_token_id).all()
 
@@ -256,7 +258,7 @@ def test_forward_logprobs_are_those_generation_sampled_from(tiny_model_dir, toke
     from rlhf.models import load_causal_lm
 
     model = load_causal_lm(tiny_model_dir).eval()
-    query, query_mask = pad_left([ppo.encode_prompt(tokenizer, p, 64) for p in PROMPTS[:3]], tokenizer.pad_token_id)
+    query, query_mask = pad_left([prompt_ids(tokenizer, p, 64) for p in PROMPTS[:3]], tokenizer.pad_token_id)
     torch.manual_seed(0)
     out = model.generate(input_ids=query, attention_mask=query_mask, do_sample=True, top_k=0, top_p=1.0,
                          temperature=0.7, max_new_tokens=5, min_new_tokens=5, output_logits=True,
@@ -306,7 +308,7 @@ def test_reference_is_the_sft_model_while_the_policy_moves(tiny_model_dir, tiny_
         for p in policy.parameters():
             if p.requires_grad:
                 p.add_(0.5)
-        query, query_mask = pad_left([ppo.encode_prompt(tokenizer, p, 64) for p in PROMPTS], tokenizer.pad_token_id)
+        query, query_mask = pad_left([prompt_ids(tokenizer, p, 64) for p in PROMPTS], tokenizer.pad_token_id)
         responses = torch.randint(3, len(tokenizer), (4, 5))
         mask = torch.ones_like(responses)
         from accelerate import Accelerator
@@ -421,14 +423,14 @@ def test_training_prompts_from_a_file_never_include_a_test_prompt(tmp_path, monk
              "policy_version": None, "votes": None, "agreement": None,
              "created_at": pd.Timestamp("2026-01-01", tz="UTC")} for p in ("p1", "p2")]
     write_comparisons(pd.DataFrame(rows), tmp_path / "test.parquet")
-    monkeypatch.setattr(ppo, "TEST_COMPARISONS", tmp_path / "test.parquet")
+    monkeypatch.setattr(prompts, "TEST_COMPARISONS", tmp_path / "test.parquet")
     source = tmp_path / "prompts.jsonl"
     source.write_text('{"prompt": "p0"}\n{"prompt": "p1"}\n{"prompt": "p3"}\n{"prompt": "p0"}\n{"prompt": " "}\n')
-    train_prompts, heldout = ppo.held_out_prompts(ppo.load_train_prompts(str(source)), 10, seed=0)
+    train_prompts, heldout = prompts.held_out_prompts(prompts.load_train_prompts(str(source)), 10, seed=0)
     assert train_prompts == ["p0", "p3"] and sorted(heldout) == ["p1", "p2"]
     with pytest.raises(ParamError, match=r"ppo.prompts is 'nowhere.txt', which is neither 'embedded:prompts', 'comparisons' nor"):
-        ppo.load_train_prompts("nowhere.txt")
-    pool = ppo.load_train_prompts("embedded:prompts")  # the project's pool, as collect draws from it
+        prompts.load_train_prompts("nowhere.txt")
+    pool = prompts.load_train_prompts("embedded:prompts")  # the project's pool, as collect draws from it
     assert len(pool) == len(set(pool)) > 300 and all(p.strip() for p in pool)
 
 
@@ -442,7 +444,7 @@ def test_lora_merged_generates_with_the_policy_and_restores_the_base_weights_bit
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     with torch.no_grad():
         unmerged = policy(input_ids=ids).logits.float()
-        with ppo.lora_merged(policy):
+        with rollouts.lora_merged(policy):
             merged = policy(input_ids=ids).logits.float()
         after = policy(input_ids=ids).logits.float()
     assert torch.allclose(merged, unmerged, atol=0.1)  # the same policy, up to bf16 rounding of W + BA
@@ -453,14 +455,14 @@ def test_lora_merged_generates_with_the_policy_and_restores_the_base_weights_bit
 
 def test_full_fine_tuning_samples_from_a_bf16_copy_refreshed_with_the_current_weights(tiny_model_dir):
     params = PpoParams(lora_r=0)
-    assert ppo.build_sampler(str(tiny_model_dir), torch.float32, params) is None  # fp32: the policy itself
-    assert ppo.build_sampler(str(tiny_model_dir), torch.bfloat16, PpoParams(lora_r=4, lora_alpha=8)) is None
+    assert rollouts.build_sampler(str(tiny_model_dir), torch.float32, uses_lora=False) is None  # fp32: the policy itself
+    assert rollouts.build_sampler(str(tiny_model_dir), torch.bfloat16, uses_lora=True) is None
     policy, _ = ppo.build_policy(str(tiny_model_dir), torch.bfloat16, params)
-    sampler = ppo.build_sampler(str(tiny_model_dir), torch.bfloat16, params)
+    sampler = rollouts.build_sampler(str(tiny_model_dir), torch.bfloat16, params.uses_lora)
     with torch.no_grad():  # the policy after some updates
         for p in policy.parameters():
             p.add_(torch.randn_like(p), alpha=0.01)
-    ppo.refreshed(sampler, policy)
+    rollouts.refreshed(sampler, policy)
     pairs = list(zip(sampler.named_parameters(), policy.named_parameters(), strict=True))
     assert all(ns == np_ and s.dtype == torch.bfloat16 and torch.equal(s, p.to(torch.bfloat16))
                for (ns, s), (np_, p) in pairs)

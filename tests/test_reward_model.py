@@ -10,9 +10,9 @@ from transformers import AutoModelForSequenceClassification
 
 from rlhf.comparisons import write_comparisons
 from rlhf.params import ParamError, RewardModelParams
-from rlhf.reward_model import (NORMALIZATION_KEY, Pair, _score_head_model, check_sizes, encode, encode_pairs,
-                               length_grouped_batches, load_pairs, load_reward_model, preference_loss,
-                               reward_at_last_token, rewards, stack_pairs, train)
+from rlhf.reward_model import (Pair, _score_head_model, check_sizes, encode, encode_pairs, length_grouped_batches,
+                               load_pairs, preference_loss, stack_pairs, train)
+from rlhf.rewards import NORMALIZATION_KEY, load_reward_model, reward_at_last_token, rewards
 from tests.conftest import build_tiny_tokenizer
 
 

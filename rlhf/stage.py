@@ -1,0 +1,38 @@
+"""Running a stage module: its exit codes, user errors as one paragraph, and per-step metrics.
+
+Exit codes (tasks/stages.py reads them):
+    0   done
+    2   an error the user can fix (a bad param, a missing or malformed file, a bad value): one paragraph, no traceback
+    75  EX_TEMPFAIL: something outside was briefly away (a judge server, a tracking server); the flow retries
+"""
+from __future__ import annotations
+
+import sys
+
+USER_ERROR_EXIT = 2
+TRANSIENT_EXIT = 75
+
+
+class TransientError(RuntimeError):
+    """Something outside the project did not answer; running the stage again later may well succeed."""
+
+
+def run_stage(main) -> None:
+    """Run a stage's main() and exit with its code; user errors and transient errors print one paragraph."""
+    try:
+        code = main()
+    except TransientError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(TRANSIENT_EXIT)
+    except (ValueError, FileNotFoundError) as error:  # ParamError is a ValueError
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+    sys.exit(code)
+
+
+def log_step(metrics: dict, step: int) -> None:
+    """Per-step figures to the active MLflow run (none under a test or a non-main process)."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics(metrics, step=step)
