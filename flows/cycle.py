@@ -25,9 +25,10 @@ def rlhf_cycle(stages: list[str] | None = None, force: bool = False) -> dict:
     unknown = sorted(set(stages or []) - set(PIPELINE))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; the pipeline's stages are {list(PIPELINE)}.")
-    tracking.use_project_store()
+    experiment_id = tracking.use_project_store()
+    tracking.end_stale_runs(experiment_id)  # a cycle killed outright leaves its runs RUNNING
     tags = {"rlhf.kind": "cycle", "git.commit": tracking.git_commit(),
-            "prefect.flow_run_id": str(runtime.flow_run.id or "")}
+            "prefect.flow_run_id": str(runtime.flow_run.id or ""), **tracking.owner_tags()}
     with mlflow.start_run(run_name=f"cycle-{runtime.flow_run.name or 'local'}", tags=tags) as parent:
         results = [run_dvc_stage(stage, parent.info.run_id, force) for stage in selected]
         ran = [r["stage"] for r in results if r["ran"]]

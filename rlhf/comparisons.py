@@ -6,13 +6,13 @@ reads comparisons reads them through `read_comparisons`.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from rlhf.outputs import atomic_path
 
 CHOICES = ("a", "b", "tie")
 SOURCE_KINDS = ("human", "judge", "import", "feedback")
@@ -53,18 +53,9 @@ def to_table(frame: pd.DataFrame) -> pa.Table:
 
 
 def write_comparisons(frame: pd.DataFrame, path: str | Path) -> None:
-    """Write atomically: a temporary file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = to_table(frame)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write atomically and durably (rlhf.outputs.atomic_path); `rlhf.outputs.together` for several files."""
+    with atomic_path(path) as tmp:
+        pq.write_table(to_table(frame), tmp)
 
 
 def read_comparisons(path: str | Path) -> pd.DataFrame:

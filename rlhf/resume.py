@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from rlhf import tracking
+from rlhf.outputs import atomic_path
 
 
 def fingerprint(section: str, params, precision: str, inputs: list[str | Path]) -> str:
@@ -30,12 +30,13 @@ def checkpoint_path(folder: Path, iteration: int) -> Path:
 
 
 def save_state(folder: Path, state: dict) -> Path:
-    """One file per checkpoint, written to a temporary name and renamed; older ones are removed after."""
+    """One file per checkpoint, written durably (rlhf.outputs.atomic_path); the older ones are removed only once
+    the new one loads back."""
     folder.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(folder, state["iteration"])
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    torch.load(path, map_location="cpu", weights_only=False)  # raises if it does not: the older ones stay
     for old in folder.glob("iter-*.pt"):
         if old != path:
             old.unlink()
@@ -43,17 +44,21 @@ def save_state(folder: Path, state: dict) -> Path:
 
 
 def load_latest_state(folder: Path, expected_fingerprint: str) -> dict | None:
-    """The newest checkpoint made with the same params and inputs; stale ones are removed, with a note."""
-    paths = sorted(folder.glob("iter-*.pt"))
-    if not paths:
-        return None
-    state = torch.load(paths[-1], map_location="cpu", weights_only=False)
-    if state.get("fingerprint") != expected_fingerprint:
-        print(f"{folder}: {paths[-1].name} was made with other params or inputs; starting from scratch and removing it.")
-        for p in paths:
-            p.unlink()
-        return None
-    return state
+    """The newest checkpoint that loads and was made with the same params and inputs; one that does not load
+    (cut short by a crash of the disk, say) is skipped for the one before it; stale ones are removed, with a note."""
+    for path in sorted(folder.glob("iter-*.pt"), reverse=True):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:  # torch raises several kinds for a damaged file
+            print(f"{folder}: {path.name} does not load ({type(error).__name__}); trying the one before it.")
+            continue
+        if state.get("fingerprint") != expected_fingerprint:
+            print(f"{folder}: {path.name} was made with other params or inputs; starting from scratch and removing it.")
+            for stale in folder.glob("iter-*.pt"):
+                stale.unlink()
+            return None
+        return state
+    return None
 
 
 def rng_states() -> dict:

@@ -4,13 +4,24 @@ Exit codes (tasks/stages.py reads them):
     0   done
     2   an error the user can fix (a bad param, a missing or malformed file, a bad value): one paragraph, no traceback
     75  EX_TEMPFAIL: something outside was briefly away (a judge server, a tracking server); the flow retries
+    143 stopped by SIGTERM: the stage's MLflow run ends KILLED, its outputs are the last good ones
 """
 from __future__ import annotations
 
+import signal
 import sys
 
 USER_ERROR_EXIT = 2
 TRANSIENT_EXIT = 75
+TERMINATED_EXIT = 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived. A BaseException, so no `except Exception` on the way out swallows it."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 class TransientError(RuntimeError):
@@ -19,8 +30,13 @@ class TransientError(RuntimeError):
 
 def run_stage(main) -> None:
     """Run a stage's main() and exit with its code; user errors and transient errors print one paragraph."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         code = main()
+    except Terminated:
+        print("stopped by SIGTERM: the stage's MLflow run is marked KILLED and its outputs are the last good ones",
+              file=sys.stderr)
+        sys.exit(TERMINATED_EXIT)
     except TransientError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(TRANSIENT_EXIT)

@@ -9,11 +9,15 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
 import mlflow
 import yaml
+
+from rlhf import outputs
+from rlhf.stage import Terminated
 
 EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "rlhf")
 PARENT_RUN_ENV = "RLHF_PARENT_RUN_ID"
@@ -89,24 +93,62 @@ def _flatten(prefix: str, values: dict) -> dict:
     return flat
 
 
+def owner_tags() -> dict:
+    """Which process on which machine holds a run open, so a later start can tell a dead run from a live one."""
+    return {"rlhf.host": socket.gethostname(), "rlhf.pid": str(os.getpid())}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def end_stale_runs(experiment_id: str) -> list[str]:
+    """End as KILLED the runs that a process of this machine left RUNNING and that no longer exists (a SIGKILL,
+    a power cut); runs of other machines, and runs without an owner, are left alone. Returns their ids."""
+    client = mlflow.MlflowClient()
+    host, ended = socket.gethostname(), []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get("rlhf.host") == host and tags.get("rlhf.pid", "").isdigit() and not _process_alive(int(tags["rlhf.pid"])):
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict):
     """An MLflow run for one stage, tagged with the git commit and the DVC hashes of its deps.
 
+    First it completes any output swap a killed stage left half-done (`rlhf.outputs.finish_interrupted`) and
+    ends runs that killed processes left RUNNING. A SIGTERM (`rlhf.stage.Terminated`) ends the run as KILLED.
     Under `accelerate launch` only the main process (RANK 0) records; the others get no run.
     """
     if int(os.environ.get("RANK", "0")) != 0:
         yield None
         return
-    use_project_store()
-    tags = {"rlhf.stage": stage, "git.commit": git_commit()}
+    for repaired in outputs.finish_interrupted():
+        print(f"{stage}: completed the replacement of {repaired}, which a killed run had left half-done")
+    experiment_id = use_project_store()
+    for run_id in end_stale_runs(experiment_id):
+        print(f"{stage}: MLflow run {run_id} was left RUNNING by a process that no longer exists; ended it as KILLED")
+    tags = {"rlhf.stage": stage, "git.commit": git_commit(), **owner_tags()}
     for dep in stage_deps(stage):
         if Path(dep).exists():
             tags[f"dvc.dep.{dep}"] = dvc_md5(dep)
     parent = os.environ.get(PARENT_RUN_ENV) or None
     with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as run:
         mlflow.log_params(_flatten("", params))
-        yield run
+        try:
+            yield run
+        except Terminated:
+            mlflow.end_run("KILLED")
+            raise
 
 
 def log_outputs(stage: str, outs: dict[str, str | Path]) -> None:
@@ -114,17 +156,10 @@ def log_outputs(stage: str, outs: dict[str, str | Path]) -> None:
     mlflow.set_tags({f"dvc.out.{name}": dvc_md5(path) for name, path in outs.items() if Path(path).exists()})
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_metrics(path: str | Path, metrics: dict) -> None:
     """A DVC metrics file (JSON), written atomically, and the same figures to the active MLflow run."""
     path = Path(path)
-    _atomic_write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    outputs.write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if mlflow.active_run() is not None:
         mlflow.log_metrics({k: float(v) for k, v in _flatten("", metrics).items() if isinstance(v, (int, float))})
         mlflow.log_artifact(str(path))
@@ -135,6 +170,6 @@ def write_plot(path: str | Path, rows: list[dict]) -> None:
     path = Path(path)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     lines = [",".join(columns)] + [",".join("" if row.get(c) is None else f"{row[c]}" for c in columns) for row in rows]
-    _atomic_write_text(path, "\n".join(lines) + "\n")
+    outputs.write_text(path, "\n".join(lines) + "\n")
     if mlflow.active_run() is not None:
         mlflow.log_artifact(str(path))

@@ -41,6 +41,7 @@ from rlhf import tracking
 from rlhf.chat import template_tokens
 from rlhf.checkpoints import load_tokenizer, resolve_precision
 from rlhf.comparisons import COLUMNS, SCHEMA, SOURCE_KINDS, write_comparisons
+from rlhf.outputs import together
 from rlhf.params import ParamError, ValidateParams, load_params
 from rlhf.paths import BASE_DIR, COLLECTED, TEST_COMPARISONS, TRAIN_COMPARISONS, VAL_COMPARISONS
 from rlhf.stage import run_stage
@@ -363,13 +364,11 @@ def _dataset_message(failed, valid: pd.DataFrame, n_in: int, reasons: list[list[
 
 
 def write_outputs(result: dict, splits: dict = SPLITS, quarantine_path: str = QUARANTINE) -> None:
-    for name, path in splits.items():
-        write_comparisons(result["splits"][name], path)
-    path = Path(quarantine_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    result["quarantine"].to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    """The three splits and the quarantine, replaced as one unit: a kill never mixes a new split with old ones."""
+    with together(*splits.values(), quarantine_path) as temporaries:
+        for name, tmp in zip(splits, temporaries):
+            write_comparisons(result["splits"][name], tmp)
+        result["quarantine"].to_parquet(temporaries[-1], index=False)
 
 
 def main() -> int:

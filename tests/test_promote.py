@@ -5,7 +5,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from rlhf import promote
+from rlhf import promote, registry
 from rlhf.models import load_causal_lm
 from rlhf.params import PromoteParams
 
@@ -68,7 +68,7 @@ def test_registry_round_trip_with_gate_decisions_and_overrides(tmp_path, monkeyp
     tags = client.get_model_version(name, v2).tags
     assert tags["gate.rule"] == "win_rate" and tags["git.commit"] == "abc" and float(tags["kl"]) == 3.0
 
-    folder = promote.champion_checkpoint(name)
+    folder = registry.champion_checkpoint(name)
     model = load_causal_lm(folder)
     ids = torch.tensor([[1, 5, 7]])
     reference = load_causal_lm(tiny_model_dir)
