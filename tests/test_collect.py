@@ -6,17 +6,16 @@ import gzip
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from rlhf import collect
-from rlhf.collect import (combine_orders, http_margins, judge_pairs, load_prompts, position_bias, sample_pairs,
-                          transformers_margins, verdict_margin)
+from rlhf import judges
+from rlhf.collect import load_prompts, sample_pairs
 from rlhf.importers import import_comparisons, place_pair, split_hh_transcript
+from rlhf.judges import combine_orders, http_margins, judge_pairs, position_bias, transformers_margins, verdict_margin
 from rlhf.params import CollectParams, ParamError
 
 from .conftest import SHARED_DATA
@@ -102,11 +101,11 @@ def test_transformers_margin_equals_the_log_softmax_difference(tiny_lm):
     model, tokenizer = tiny_lm
     prompt, first, second = "what is two plus two?", "four", "the quick brown fox"
     margin = transformers_margins(model, tokenizer, [prompt], [first], [second], 200, batch_size=1)[0]
-    text = tokenizer.apply_chat_template(collect.judge_messages(prompt, first, second, 200), add_generation_prompt=True,
+    text = tokenizer.apply_chat_template(judges.judge_messages(prompt, first, second, 200), add_generation_prompt=True,
                                          tokenize=False)
     with torch.no_grad():
         logp = torch.log_softmax(model(**tokenizer(text, return_tensors="pt", add_special_tokens=False)).logits[0, -1], -1)
-    a, b = (tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in collect.VERDICT_TOKENS)
+    a, b = (tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in judges.VERDICT_TOKENS)
     assert margin == pytest.approx(float(logp[a] - logp[b]), abs=1e-5)
 
 
@@ -154,8 +153,8 @@ def test_http_judge_against_an_openai_compatible_server():
 
 
 def test_unreachable_judge_server_is_a_transient_error(monkeypatch):
-    monkeypatch.setattr(collect.time, "sleep", lambda s: None)
-    with pytest.raises(collect.JudgeUnreachable, match="did not answer after 3 tries"):
+    monkeypatch.setattr(judges.time, "sleep", lambda s: None)
+    with pytest.raises(judges.JudgeUnreachable, match="did not answer after 3 tries"):
         http_margins("http://127.0.0.1:9/v1", "m", ["q"], ["a"], ["b"], 100)
 
 

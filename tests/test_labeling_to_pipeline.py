@@ -53,7 +53,7 @@ def labelled_campaign_export(tmp_path, capsys):
                  "--gold", str(tmp_path / "gold.parquet"), "--gold-rate", "0.2", "--seed", "1"]) == 0
     assert f"campaign {CAMPAIGN}: {len(TRUTHS)} pairs, 2 gold, overlap 3" in capsys.readouterr().out
 
-    app = create_app(database_url)
+    app = create_app(database_url, secure_cookies=False)  # TestClient: plain HTTP to 'testserver'
     for name in ("ann", "bob", "cy"):
         label_everything(invite_and_join(database_url, app, name, capsys), CAMPAIGN)
 
@@ -77,9 +77,10 @@ def test_campaign_export_is_collected_as_human_comparisons_and_passes_validate(t
 
     # collect, source 'import' with import_format 'comparisons': the export is read as comparison rows.
     collect_params = CollectParams(sources=["import"], import_data=str(export), import_format="comparisons")
-    collected, counts = import_comparisons(collect_params, NOW)
-    assert counts == {"collect/import_available": len(EXPORTED), "collect/imported": len(EXPORTED),
-                      "collect/import_unparsed": 0}
+    collected, quarantined, counts = import_comparisons(collect_params, NOW)
+    assert len(quarantined) == 0
+    assert counts["collect/import_available"] == counts["collect/imported"] == len(EXPORTED)
+    assert counts["collect/import_quarantined"] == 0
     assert list(collected.columns) == list(COLUMNS)
     collected = collected.sort_values("pair_id").reset_index(drop=True)
     assert list(collected["pair_id"]) == EXPORTED
