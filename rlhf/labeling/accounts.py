@@ -61,7 +61,11 @@ def tokens_match(expected: str | None, given: str | None) -> bool:
 
 
 def invite(db: Session, name: str, role: str = "annotator", now: datetime | None = None) -> str:
-    """Create the account (or refresh its invite) and return the one-time invite token; commits."""
+    """Create the account, or reset an existing one, and return the one-time invite token; commits.
+
+    A reset is what a re-invite is for (a forgotten or leaked password, a changed role): the old password
+    stops working and every login session of the account ends, so whoever held them must use the new link.
+    """
     if not NAME_PATTERN.match(name):
         raise AccountError(
             f"annotator name {name!r} is not allowed. Names appear in URLs, logs and exports, so they are 1-64 "
@@ -75,6 +79,9 @@ def invite(db: Session, name: str, role: str = "annotator", now: datetime | None
     if annotator is None:
         annotator = Annotator(name=name, role=role)
         db.add(annotator)
+    else:
+        db.execute(delete(LoginSession).where(LoginSession.annotator_id == annotator.id))
+        annotator.password_hash = None
     annotator.role = role
     annotator.invite_hash = token_hash(token)
     annotator.invite_expires_at = now + timedelta(days=INVITE_DAYS)
@@ -90,19 +97,22 @@ def find_invite(db: Session, token: str, now: datetime | None = None) -> Annotat
 
 
 def accept_invite(db: Session, token: str, password: str, now: datetime | None = None) -> Annotator:
-    """Set the password and spend the invite; commits."""
-    annotator = find_invite(db, token, now)
-    if annotator is None:
-        raise AccountError(
-            "this invite link is unknown, used or expired. Each link works once, for "
-            f"{INVITE_DAYS} days. Ask the campaign admin for a new one."
-        )
+    """Set the password and spend the invite; commits. The hash is computed before the transaction
+    begins: on SQLite a writer holds the write lock from BEGIN, and scrypt's ~0.1 s would make votes wait."""
     if len(password) < MIN_PASSWORD_LENGTH:
         raise AccountError(
             f"the password has {len(password)} characters. Short passwords are guessed quickly, so at least "
             f"{MIN_PASSWORD_LENGTH} are needed. Choose a longer one."
         )
-    annotator.password_hash = hash_password(password)
+    password_hash = hash_password(password)
+    annotator = find_invite(db, token, now)
+    if annotator is None:
+        db.rollback()
+        raise AccountError(
+            "this invite link is unknown, used or expired. Each link works once, for "
+            f"{INVITE_DAYS} days. Ask the campaign admin for a new one."
+        )
+    annotator.password_hash = password_hash
     annotator.invite_hash = None
     annotator.invite_expires_at = None
     db.commit()
@@ -110,11 +120,14 @@ def accept_invite(db: Session, token: str, password: str, now: datetime | None =
 
 
 def authenticate(db: Session, name: str, password: str) -> Annotator | None:
-    annotator = db.scalar(select(Annotator).where(Annotator.name == name))
-    if annotator is None or annotator.password_hash is None:
+    """The account when the password is right, else None. The lookup's transaction is committed before the
+    scrypt check, so no transaction (on SQLite, no write lock) is held for its ~0.1 s."""
+    found = db.execute(select(Annotator.id, Annotator.password_hash).where(Annotator.name == name)).first()
+    db.commit()
+    if found is None or found.password_hash is None:
         verify_password(password, _DUMMY_HASH)
         return None
-    return annotator if verify_password(password, annotator.password_hash) else None
+    return db.get(Annotator, found.id) if verify_password(password, found.password_hash) else None
 
 
 def start_session(db: Session, annotator: Annotator, hours: float, now: datetime | None = None) -> str:

@@ -9,6 +9,8 @@ annotator's queue is built one item at a time, when they ask for the next pair:
 - left/right order is drawn per assignment and stored, and votes are turned back into the pair's
   own a/b orientation before they are stored.
 Each vote is committed in its own transaction; a second submit of the same item changes nothing.
+Skipping is the same for gold and real pairs as the annotator sees it: the same answer, the same next
+item (queue positions count skipped items either way) and the same database work.
 """
 from __future__ import annotations
 
@@ -231,9 +233,12 @@ def record_vote(db: Session, assignment: Assignment, shown: str, reason: str | N
         return False
     db.add(Vote(assignment_id=assignment.id, pair_id=assignment.pair_id, annotator_id=assignment.annotator_id,
                 choice=choice, reason=reason, created_at=now or utc_now()))
-    if choice == SKIP and not assignment.pair.is_gold:
-        # a skip gives the pair's slot back, so another annotator completes its overlap
-        db.execute(update(Pair).where(Pair.id == assignment.pair_id).values(claims=Pair.claims - 1))
+    if choice == SKIP:
+        # A skip gives a real pair's slot back, so another annotator completes its overlap. Gold pairs are
+        # never claimed, so the WHERE leaves them alone; the same statement runs for both, so a skip costs
+        # the same work (and time) on gold as on real pairs.
+        db.execute(update(Pair).where(Pair.id == assignment.pair_id, Pair.is_gold.is_(False))
+                   .values(claims=Pair.claims - 1))
     try:
         db.commit()
     except IntegrityError:  # the same item submitted concurrently: the other request stored it

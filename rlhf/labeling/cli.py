@@ -14,20 +14,22 @@ import argparse
 import sys
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rlhf.comparisons import read_comparisons, write_comparisons
 from rlhf.labeling import accounts, campaigns, results
 from rlhf.labeling.aggregate import QualityPolicy
-from rlhf.labeling.db import make_engine, upgrade_database
+from rlhf.labeling.db import Annotator, make_engine, reader, upgrade_database
 
 DEFAULT_DB = "sqlite:///data/labeling/labeling.db"
 
 
-def open_database(url: str) -> Session:
+def open_database(url: str, read_only: bool = False) -> Session:
+    """A session on the migrated database; read_only: it never takes SQLite's write lock (see `db.reader`)."""
     engine = make_engine(url)
     upgrade_database(engine)
-    return Session(engine, expire_on_commit=False)
+    return Session(reader(engine) if read_only else engine, expire_on_commit=False)
 
 
 def add_quality_args(parser: argparse.ArgumentParser) -> None:
@@ -70,13 +72,17 @@ def create_campaign(args) -> int:
 
 def invite(args) -> int:
     with open_database(args.db) as db:
+        existed = db.scalar(select(Annotator.id).where(Annotator.name == args.name)) is not None
         token = accounts.invite(db, args.name, "admin" if args.admin else "annotator")
+    if existed:
+        print(f"{args.name} already had an account: its password no longer works and its sessions have ended, "
+              "until the link below is used.", file=sys.stderr)
     print(f"{args.base_url.rstrip('/')}/invite/{token}")
     return 0
 
 
 def export(args) -> int:
-    with open_database(args.db) as db:
+    with open_database(args.db, read_only=True) as db:  # a running server's votes do not wait for the export
         campaign = campaigns.find_campaign(db, args.name)
         if campaign is None:
             raise campaigns.CampaignError(
@@ -107,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--session-hours", type=float, default=12.0, help="a login lasts this many hours")
-    s.add_argument("--secure-cookies", action="store_true", help="mark cookies Secure (when served over HTTPS)")
+    s.add_argument("--secure-cookies", action=argparse.BooleanOptionalAction, default=None,
+                   help="force the Secure attribute on cookies on or off. Default: Secure unless a request reaches "
+                        "the app as localhost/127.0.0.1/::1 over HTTP, and no login over plain HTTP elsewhere. "
+                        "--secure-cookies behind an HTTPS proxy that does not send X-Forwarded-Proto; "
+                        "--no-secure-cookies only on a closed network without HTTPS")
     add_quality_args(s)
 
     c = command("create-campaign", create_campaign, "make a campaign from a comparisons Parquet file")

@@ -5,6 +5,10 @@ the Alembic migrations in `migrations/`, which `upgrade_database` runs at start-
 
 Gold answers live in their own table, read only by the aggregation, so no page that renders a
 pair can reach them by accident.
+
+On SQLite a transaction that may write begins IMMEDIATE (it takes the write lock at BEGIN and waits its
+turn); one opened through `reader(engine)` begins DEFERRED and is query-only, so pages of figures and the
+export read a WAL snapshot without ever making a vote wait.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000  # writers queue behind each other; a vote waits rather than fails
+READ_ONLY = "labeling_read_only"  # execution option set by `reader`: the connection's transactions only read
 
 
 def utc_now() -> datetime:
@@ -138,6 +143,20 @@ class Vote(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utc_now, index=True)
 
 
+class LoginAttempt(Base):
+    """One try at a password (login or invite form), counted against an account name and a client address.
+
+    Written before the password is checked and deleted when the login succeeds, so what is left in the
+    last minute are failures and tries still in flight. The key is a sha256, so no address is kept in clear.
+    """
+
+    __tablename__ = "login_attempts"
+    __table_args__ = (Index("ix_login_attempts_key_attempted_at", "key", "attempted_at"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(64))  # sha256 of 'account:<name>' or 'address:<ip>'
+    attempted_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+
+
 def make_engine(database_url: str) -> Engine:
     """An engine for a SQLite file (its folder is created) or a PostgreSQL URL."""
     url = make_url(database_url)
@@ -151,12 +170,23 @@ def make_engine(database_url: str) -> Engine:
     Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url)
     event.listen(engine, "connect", _configure_sqlite)
-    event.listen(engine, "begin", _begin_immediate)
+    event.listen(engine, "begin", _begin)
     return engine
 
 
+def reader(engine: Engine) -> Engine:
+    """The same database and pool, for transactions that only read (figures pages, the export).
+
+    On SQLite they begin DEFERRED with `PRAGMA query_only`, so they never take the write lock (a write
+    through them fails loudly instead); on PostgreSQL they are READ ONLY transactions.
+    """
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(**{READ_ONLY: True, "postgresql_readonly": True})
+    return engine.execution_options(**{READ_ONLY: True})
+
+
 def _configure_sqlite(dbapi_connection, _record) -> None:
-    # SQLAlchemy then emits BEGIN itself (see _begin_immediate) instead of pysqlite's implicit one
+    # SQLAlchemy then emits BEGIN itself (see _begin) instead of pysqlite's implicit one
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
@@ -166,9 +196,15 @@ def _configure_sqlite(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def _begin_immediate(connection) -> None:
-    # Take the write lock at BEGIN: a deferred transaction that reads, then writes, fails at once with
-    # "database is locked" when another writer got there first, instead of waiting its turn.
+def _begin(connection) -> None:
+    if connection.get_execution_options().get(READ_ONLY):
+        # A reader: DEFERRED takes no lock until its first read, then only a WAL snapshot; writers go on.
+        connection.exec_driver_sql("PRAGMA query_only=1")
+        connection.exec_driver_sql("BEGIN DEFERRED")
+        return
+    # A writer takes the write lock at BEGIN: a deferred transaction that reads, then writes, fails at once
+    # with "database is locked" when another writer got there first, instead of waiting its turn.
+    connection.exec_driver_sql("PRAGMA query_only=0")  # the pooled connection may last have served a reader
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 

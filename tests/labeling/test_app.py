@@ -26,7 +26,7 @@ def database_url(tmp_path):
 
 @pytest.fixture
 def app(database_url):
-    app = create_app(database_url, gold_min_answers=2)
+    app = create_app(database_url, gold_min_answers=2, secure_cookies=False)  # TestClient: plain HTTP to 'testserver'
     with Session(app.state.engine) as db:
         create_campaign(db, "demo", pair_rows({f"p{i}": "ab"[i % 2] for i in range(8)}),
                         pair_rows(GOLD, chosen_is_truth=True), gold_rate=0.25, seed=11)

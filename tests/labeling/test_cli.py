@@ -27,7 +27,7 @@ def test_campaign_from_parquet_to_exported_comparisons(tmp_path, capsys):
                  "--gold", str(tmp_path / "gold.parquet"), "--gold-rate", "0.2", "--seed", "1"]) == 0
     assert "campaign nov: 4 pairs, 2 gold, overlap 3" in capsys.readouterr().out
 
-    app = create_app(database_url)
+    app = create_app(database_url, secure_cookies=False)  # TestClient: plain HTTP to 'testserver'
     for name in ("ann", "bob", "cy"):
         label_everything(invite_and_join(database_url, app, name, capsys), "nov")
 

@@ -107,7 +107,7 @@ def test_migrations_build_the_models_schema(database_url):
 
 
 def test_a_campaign_from_invites_to_export(database_url):
-    app = create_app(database_url, gold_min_answers=1)
+    app = create_app(database_url, gold_min_answers=1, secure_cookies=False)  # TestClient: plain HTTP
     with Session(app.state.engine) as db:
         create_campaign(db, "pg", pair_rows({"p0": "a", "p1": "b", "p2": "tie"}),
                         pair_rows({"g0": "a", "g1": "b"}, chosen_is_truth=True), gold_rate=0.5, seed=2)
@@ -143,7 +143,7 @@ def run_together(workers) -> list:
 
 
 def test_concurrent_annotators_never_push_a_pair_past_its_overlap(database_url):
-    app = create_app(database_url)
+    app = create_app(database_url, secure_cookies=False)
     with Session(app.state.engine) as db:
         create_campaign(db, "race", pair_rows({"p0": "a", "p1": "b"}), gold_rate=0.0, seed=1)
     clients = []
@@ -161,7 +161,7 @@ def test_concurrent_annotators_never_push_a_pair_past_its_overlap(database_url):
 
 
 def test_concurrent_double_submit_stores_one_vote(database_url):
-    app = create_app(database_url)
+    app = create_app(database_url, secure_cookies=False)
     with Session(app.state.engine) as db:
         create_campaign(db, "twice", pair_rows({"p0": "a"}), gold_rate=0.0, seed=1)
     create_account(database_url, "ann")
