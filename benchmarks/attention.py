@@ -1,4 +1,4 @@
-"""Attention on this CPU: rlhf.models.attention (softmax(QKᵀ)V multiplied out, grouped heads, the batch in chunks
+"""Attention on this CPU: rlhf.attention (softmax(QKᵀ)V multiplied out, grouped heads, the batch in chunks
 of SCORES_PER_CHUNK scores) against the same without chunks and against torch's SDPA (its CPU flash-attention
 kernel, as transformers calls it): forward + backward and forward only, in the shapes the stages run:
 SmolLM2-135M's 9 query heads on 3 key/value heads of 64, bf16, a causal mask with half the rows left-padded (as
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
 from benchmarks.record import command, machine, save  # noqa: E402
-from rlhf import models  # noqa: E402
+from rlhf import attention as kernel  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 TRAINING_SHAPES = ((4, 100), (4, 153), (8, 153), (4, 256), (8, 256), (4, 384), (8, 384), (4, 512), (8, 512),
@@ -69,16 +69,16 @@ def seconds(function, query, key, value, mask, backward: bool, repeats: int) -> 
 
 
 def ours(*args, **kwargs):
-    return models.attention(*args, **kwargs)
+    return kernel.attention(*args, **kwargs)
 
 
 def unchunked(*args, **kwargs):
-    saved = models.SCORES_PER_CHUNK
-    models.SCORES_PER_CHUNK = 1 << 62  # the whole batch in one matmul, at every size
+    saved = kernel.SCORES_PER_CHUNK
+    kernel.SCORES_PER_CHUNK = 1 << 62  # the whole batch in one matmul, at every size
     try:
-        return models.attention(*args, **kwargs)
+        return kernel.attention(*args, **kwargs)
     finally:
-        models.SCORES_PER_CHUNK = saved
+        kernel.SCORES_PER_CHUNK = saved
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, function in functions.items():
                 times[name] = min(times[name], seconds(function, *tensors, backward, 1))
         name = f"{kind}_b{batch}_q{q_len}_kv{kv_len}"
-        rows = models.SCORES_PER_CHUNK // (HEADS * q_len * kv_len)
+        rows = kernel.SCORES_PER_CHUNK // (HEADS * q_len * kv_len)
         figures[name] = {**{f"{k}_ms": round(t * 1e3, 3) for k, t in times.items()},
                          "sdpa_over_ours": round(times["sdpa"] / times["ours"], 3),
                          "unchunked_over_ours": round(times["unchunked"] / times["ours"], 3),
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{b}x{t} {figures[f'train_b{b}_q{t}_kv{t}']['sdpa_over_ours']:.2f}x" for b, t in TRAINING_SHAPES))
     slower = [n for n, f in figures.items() if f["ours_runs"] != "sdpa" and f["sdpa_over_ours"] < 1]
     print("shapes where ours is slower than SDPA: " + (", ".join(slower) or "none"))
-    report = {"command": command(), "machine": machine(), "scores_per_chunk": models.SCORES_PER_CHUNK,
+    report = {"command": command(), "machine": machine(), "scores_per_chunk": kernel.SCORES_PER_CHUNK,
               "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16",
               "figures": figures, "ours_slower": slower}
     save("attention", report, {k: {"sdpa_over_ours": v["sdpa_over_ours"], "unchunked_over_ours": v["unchunked_over_ours"]}

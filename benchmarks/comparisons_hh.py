@@ -3,10 +3,12 @@
     .venv/bin/python benchmarks/comparisons_hh.py            # 2,000 pairs imported and validated, 500 judged
     .venv/bin/python benchmarks/comparisons_hh.py --judge-pairs 0   # import + validate only
 
-1. Import `--pairs` pairs (a seeded sample) from the hh-rlhf test files with the `collect` importer, and
-   validate them with the `validate` stage's suite: rows in / valid / quarantined by reason, rows per second.
+1. Import `--pairs` pairs (a seeded sample) from the hh-rlhf test files with the `collect` stage's importer
+   (rlhf.importers), and validate them with the `validate` stage's suite: rows in / valid / quarantined by
+   reason, rows per second.
 2. Judge `--judge-pairs` of the valid pairs with the embedded SmolLM2-135M-Instruct (models/base, written
-   by `dvc repro prepare`) in both orders, as `collect` does, and compare with the human label:
+   by `dvc repro prepare`) in both orders, as `collect` does (rlhf.judges), and compare with the human
+   label:
    - `debiased` is the stage's default rule (the judge's median first-position preference removed,
      both orders must agree); `strict` leaves the bias in; `rubric` adds MiniLM relevance and
      profanity-check toxicity (weights 2, 2); `mean` labels every pair by sign(m_ab − m_ba) and never abstains;
@@ -37,11 +39,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
-from rlhf import collect, tracking, validate  # noqa: E402
+from rlhf import judges, tracking, validate  # noqa: E402
+from rlhf.checkpoints import load_tokenizer  # noqa: E402
 from rlhf.comparisons import write_comparisons  # noqa: E402
-from rlhf.models import load_tokenizer  # noqa: E402
+from rlhf.importers import import_comparisons  # noqa: E402
 from rlhf.params import CollectParams, ModelParams, ValidateParams  # noqa: E402
+from rlhf.paths import BASE_DIR  # noqa: E402
 
 HH = REPO.parent / "shared" / "data" / "hh-rlhf"
 OUT = REPO / "benchmarks" / "results" / "comparisons_hh.json"
@@ -66,8 +71,8 @@ def score_rule(chosen: list, human: list[str]) -> dict:
 
 
 def apply_rule(margin_ab: np.ndarray, margin_ba: np.ndarray, tie_margin: float, debias: bool) -> list:
-    bias = collect.position_bias(margin_ab, margin_ba) if debias else 0.0
-    return [collect.combine_orders(x, y, tie_margin, bias).chosen for x, y in zip(margin_ab, margin_ba)]
+    bias = judges.position_bias(margin_ab, margin_ba) if debias else 0.0
+    return [judges.combine_orders(x, y, tie_margin, bias).chosen for x, y in zip(margin_ab, margin_ba)]
 
 
 def judge_resumably(sample: pd.DataFrame, params: CollectParams, args, started: float):
@@ -78,7 +83,7 @@ def judge_resumably(sample: pd.DataFrame, params: CollectParams, args, started: 
     done = pd.read_parquet(cache) if cache.exists() else pd.DataFrame(columns=["pair_id", "margin_ab", "margin_ba", "seconds"])
     todo = sample[~sample["pair_id"].isin(done["pair_id"])]
     if len(todo):
-        margins = collect.make_judge(params, ModelParams())  # the embedded judge: models/base
+        margins = judges.make_judge(params, ModelParams())  # the embedded judge: models/base
         chunk = 4 * params.batch_size
         for start in range(0, len(todo), chunk):
             if time.perf_counter() - started > 60 * args.max_minutes:
@@ -86,7 +91,7 @@ def judge_resumably(sample: pd.DataFrame, params: CollectParams, args, started: 
             part = todo.iloc[start:start + chunk]
             prompts, a, b = part["prompt"].tolist(), part["response_a"].tolist(), part["response_b"].tolist()
             tic = time.perf_counter()
-            with collect.tqdm(total=2 * len(part), desc=f"judge {len(done)}/{len(sample)}", unit="order") as progress:
+            with tqdm(total=2 * len(part), desc=f"judge {len(done)}/{len(sample)}", unit="order") as progress:
                 both = margins(prompts + prompts, a + b, b + a, progress)
             seconds = time.perf_counter() - tic
             new = pd.DataFrame({"pair_id": part["pair_id"], "margin_ab": both[:len(part)], "margin_ba": both[len(part):],
@@ -129,7 +134,8 @@ def main() -> int:
     tic = time.perf_counter()
     params = CollectParams(sources=["import"], import_data=str(HH), import_format="hh-rlhf", import_limit=args.pairs,
                            seed=args.seed)
-    frame, counts = collect.import_comparisons(params, pd.Timestamp.now(tz="UTC"))
+    imported = import_comparisons(params, pd.Timestamp.now(tz="UTC"))
+    frame, counts = imported.rows, imported.metrics
     import_seconds = time.perf_counter() - tic
     with tempfile.TemporaryDirectory() as tmp:
         write_comparisons(frame, Path(tmp) / "collected.parquet")
@@ -137,7 +143,7 @@ def main() -> int:
         rows, utf8_valid = validate.read_collected(Path(tmp) / "collected.parquet")
         vparams = ValidateParams()
         checker = validate.Checker(validate.load_suite(), Path(tmp) / "docs")
-        checked = validate.validate_comparisons(rows, utf8_valid, vparams, load_tokenizer(validate.BASE_DIR),
+        checked = validate.validate_comparisons(rows, utf8_valid, vparams, load_tokenizer(BASE_DIR),
                                                 validate.load_embedder(), checker)
         validate_seconds = time.perf_counter() - tic
     m = checked["metrics"]
@@ -168,16 +174,16 @@ def main() -> int:
         human = sample["chosen"].tolist()
         m_ab, m_ba = margin_ab, margin_ba
         tau = jparams.judge_tie_margin
-        relevance, toxicity = collect.rubric_features(sample["prompt"].tolist() * 2,
-                                                      sample["response_a"].tolist() + sample["response_b"].tolist())
+        relevance, toxicity = judges.rubric_features(sample["prompt"].tolist() * 2,
+                                                     sample["response_a"].tolist() + sample["response_b"].tolist())
         n = len(sample)
-        delta = collect.rubric_margin(relevance[:n], relevance[n:], toxicity[:n], toxicity[n:], 2.0, 2.0)
+        delta = judges.rubric_margin(relevance[:n], relevance[n:], toxicity[:n], toxicity[n:], 2.0, 2.0)
         subsets = sample["source"].str.split("/").str[1]
         debiased = apply_rule(m_ab, m_ba, tau, debias=True)
         result["judge"] = {
-            "judge": collect.judge_name(jparams), "pairs": n, "orders_per_pair": 2,
+            "judge": judges.judge_name(jparams), "pairs": n, "orders_per_pair": 2,
             "judge_max_chars": args.judge_max_chars, "tie_margin": tau,
-            "position_bias_nats": round(collect.position_bias(m_ab, m_ba), 4),
+            "position_bias_nats": round(judges.position_bias(m_ab, m_ba), 4),
             "share_of_orders_preferring_position_A": round(float(np.mean(np.r_[m_ab, m_ba] > 0)), 4),
             "rules": {
                 "debiased (stage default)": score_rule(debiased, human),

@@ -60,6 +60,8 @@ def run_case(case: str, args, work: Path) -> dict:
 
     from rlhf import ppo, sft
     from rlhf.params import load_params
+    from rlhf.paths import REWARD_DIR, SFT_DIR
+    from rlhf.prompts import held_out_prompts, load_train_prompts
 
     params = load_params(REPO / "params.yaml")
     if case == "floor":
@@ -68,7 +70,7 @@ def run_case(case: str, args, work: Path) -> dict:
         from accelerate import Accelerator
 
         from benchmarks import training_efficiency as te
-        from rlhf.models import load_tokenizer, resolve_precision
+        from rlhf.checkpoints import load_tokenizer, resolve_precision
 
         p = params.sft
         accelerator = Accelerator(mixed_precision="bf16" if resolve_precision(params.model.precision) == torch.bfloat16
@@ -95,9 +97,9 @@ def run_case(case: str, args, work: Path) -> dict:
                             checkpoint_every=10_000, lora_r=p.lora_r if case == "ppo_lora" else 0,
                             max_new_tokens=args.max_new_tokens or p.max_new_tokens)
     os.chdir(REPO)  # the stage reads data/comparisons/*.parquet relative to the repository
-    train_prompts, heldout = ppo.held_out_prompts(ppo.load_train_prompts(p.prompts), p.eval_responses, p.seed)
-    result = ppo.train(p, params.model.precision, ppo.SFT_DIR, ppo.REWARD_DIR, train_prompts, heldout,
-                       work / "ppo", work / "checkpoints")
+    train_prompts, heldout = held_out_prompts(load_train_prompts(p.prompts), p.eval_responses, p.seed)
+    result = ppo.train(p, params.model.precision, SFT_DIR, REWARD_DIR, train_prompts, heldout,
+                       work / "policy", work / "checkpoints")
     return {"iterations": p.iterations, "max_new_tokens": p.max_new_tokens,
             "tokens_per_s": result["metrics"]["perf/tokens_per_s"]}
 

@@ -11,7 +11,7 @@ the very same torch, transformers, peft and accelerate. benchmarks/trl_ppo_drive
 
 Both sides get: models/sft and models/reward (copied once at the start, so a replaced model cannot change
 between runs), the training prompts (rlhf/data/prompts.jsonl, all but a seeded held-out set; for TRL encoded
-by rlhf.ppo.encode_prompt), params.yaml's ppo settings (batch size, minibatch size, epochs, response length,
+by rlhf.chat.prompt_ids), params.yaml's ppo settings (batch size, minibatch size, epochs, response length,
 temperature, learning rate, KL coefficient, GAE γ and λ, clip ranges, value coefficient, missing-EOS penalty,
 seed, LoRA rank), the same number of iterations, and the RM score normalised by the RM's stored mean and std.
 Precision: params.yaml's model.precision (bf16 on a CPU with AVX512-BF16); both sides autocast every forward
@@ -24,8 +24,9 @@ Per side and variant:
   Response tokens/s beside it, since a side whose policy answers shorter also samples faster.
 - RM reward gain per 1,000 samples: the mean normalised RM score of responses to the held-out prompts, after
   training minus the SFT policy's, per 1,000 training samples. One evaluation here scores all five policies
-  (SFT, ours and TRL's, LoRA and full): the same prompts, the same seeded sampling (temperature, no top-k/p),
-  the same RM reading (rlhf.ppo.score_responses), and the KL to the SFT policy per response. The default run
+  (SFT, ours and TRL's, LoRA and full) with the project's held-out loop (rlhf.rollouts.heldout_rollouts, as
+  the ppo and evaluate stages use it): the same prompts, the same seeded sampling (temperature, no top-k/p),
+  the same RM reading (rlhf.rewards.score_responses), and the KL to the SFT policy per response. The default run
   (4 iterations of 8, 32 held-out responses) fits 15 minutes; its reward figures carry a standard error larger
   than the gains, so compare rewards with a longer run (--iterations 20 --eval-prompts 48: 24 minutes here).
 
@@ -45,6 +46,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -55,13 +57,20 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.record import machine, save
-from rlhf import ppo, tracking
-from rlhf.models import load_causal_lm, load_tokenizer, resolve_precision
-from rlhf.params import load_params
-from rlhf.reward_model import load_reward_model
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `python benchmarks/ppo_vs_trl.py` as well as `python -m benchmarks.ppo_vs_trl`
+
+from benchmarks.record import machine, save  # noqa: E402
+from rlhf import ppo, tracking  # noqa: E402
+from rlhf.chat import prompt_ids as chat_prompt_ids, reply_suffix  # noqa: E402
+from rlhf.checkpoints import load_tokenizer, resolve_precision  # noqa: E402
+from rlhf.models import load_causal_lm  # noqa: E402
+from rlhf.params import PpoParams, load_params  # noqa: E402
+from rlhf.paths import REWARD_DIR, SFT_DIR  # noqa: E402
+from rlhf.prompts import load_train_prompts  # noqa: E402
+from rlhf.rewards import load_reward_model, normalised, score_responses  # noqa: E402
+from rlhf.rollouts import eos_ids, heldout_rollouts, kl_per_response, policy_forward, sample_responses  # noqa: E402
+
 TRL_VENV = REPO / "benchmarks" / ".venv-trl"
 TRL_PIN = "trl==1.12.0"
 DRIVER = REPO / "benchmarks" / "trl_ppo_driver.py"
@@ -99,7 +108,7 @@ def trl_python() -> Path:
 # The two sides
 # ------------------------------------------------------------------------------------------------
 
-def variant_params(base, variant: str, args) -> ppo.PpoParams:
+def variant_params(base, variant: str, args) -> PpoParams:
     """params.yaml's ppo section with this benchmark's sizes; lora_r = 0 for full fine-tuning."""
     return replace(base, iterations=args.iterations, batch_size=args.batch_size, minibatch_size=args.minibatch_size,
                    max_new_tokens=args.max_new_tokens, value_model=args.value_model,
@@ -164,32 +173,32 @@ def run_trl(python: Path, params, dtype: torch.dtype, inputs: dict, prompt_ids: 
 def heldout_scores(policy_dir: str, sft_dir: str, reward_model, reward_stats: dict, tokenizer, prompts: list[str],
                    params, dtype: torch.dtype, batch_size: int) -> dict:
     """Normalised RM scores (RM std units) and KL to the SFT policy (nats) of one sampled response per prompt,
-    drawn from a stream seeded the same way for every policy."""
+    drawn from a stream seeded the same way for every policy (seed + 1, as the ppo stage's own before/after)."""
     policy = load_causal_lm(policy_dir, dtype=dtype).eval()
     reference = None if policy_dir == sft_dir else load_causal_lm(sft_dir, dtype=dtype).eval()
-    suffix = ppo.reply_suffix(tokenizer)
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    scores, kls, lengths, ended_all = [], [], [], []
-    torch.manual_seed(params.seed + 1)
-    for start in range(0, len(prompts), batch_size):
-        ids = [ppo.encode_prompt(tokenizer, p, params.max_prompt_len) for p in prompts[start:start + batch_size]]
-        query, query_mask = ppo.pad_left(ids, pad)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            responses, mask, ended = ppo.sample_responses(policy, query, query_mask, params.max_new_tokens,
-                                                          params.temperature, eos, pad)
-            raw = ppo.score_responses(reward_model, query, query_mask, responses, mask, ended, suffix, pad)
-            if reference is not None:
-                logp = ppo.policy_forward(policy, query, query_mask, responses, mask, params.temperature)[0]
-                logp_ref = ppo.policy_forward(reference, query, query_mask, responses, mask, params.temperature)[0]
-                kls.append(((logp - logp_ref) * mask).sum(dim=1).float())
-        scores.append((raw - reward_stats["mean"]) / reward_stats["std"])
-        lengths.append(mask.sum(dim=1).float())
-        ended_all.append(ended)
-    score = torch.cat(scores)
-    return {"rm_score": float(score.mean()), "rm_score_sd": float(score.std()), "responses": len(score),
-            "kl_to_sft": float(torch.cat(kls).mean()) if kls else 0.0,
-            "response_length": float(torch.cat(lengths).mean()),
-            "no_eos_fraction": float((~torch.cat(ended_all)).float().mean())}
+    # the SFT checkpoint's stop tokens for every policy, so that all of them stop alike (TRL's PPO trainer
+    # overwrites the generation config's eos_token_id of the policy it trains and saves with its stop token)
+    stop = eos_ids(policy if reference is None else reference, tokenizer)
+    suffix, pad = reply_suffix(tokenizer), tokenizer.pad_token_id
+
+    def sample(query, query_mask):
+        return sample_responses(policy, query, query_mask, params.max_new_tokens, params.temperature, stop, pad)
+
+    def score(query, query_mask, responses, mask, ended):
+        raw = score_responses(reward_model, query, query_mask, responses, mask, ended, suffix, pad)
+        return normalised(raw, reward_stats)
+
+    def kl(query, query_mask, responses, mask):
+        logp = policy_forward(policy, query, query_mask, responses, mask, params.temperature)[0]
+        logp_ref = policy_forward(reference, query, query_mask, responses, mask, params.temperature)[0]
+        return kl_per_response(logp, logp_ref, mask)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = heldout_rollouts(prompts, tokenizer, sample, score, None if reference is None else kl, batch_size,
+                               params.max_prompt_len, params.seed + 1, "cpu")
+    return {"rm_score": out.mean("scores"), "rm_score_sd": statistics.stdev(out.scores), "responses": len(out.scores),
+            "kl_to_sft": out.mean("kl"),  # 0 for the SFT policy itself
+            "response_length": out.mean("lengths"), "no_eos_fraction": 1 - out.mean("ended")}
 
 
 def gain(after: dict, before: dict, samples: int) -> dict:
@@ -204,7 +213,7 @@ def gain(after: dict, before: dict, samples: int) -> dict:
 
 def split_prompts(path: str, n_heldout: int, seed: int) -> tuple[list[str], list[str]]:
     """(training prompts, held-out prompts): a seeded shuffle of the file's distinct prompts, the first n held out."""
-    prompts = ppo.load_train_prompts(path)
+    prompts = load_train_prompts(path)
     random.Random(seed).shuffle(prompts)
     return prompts[n_heldout:], prompts[:n_heldout]
 
@@ -212,7 +221,7 @@ def split_prompts(path: str, n_heldout: int, seed: int) -> tuple[list[str], list
 def snapshot(work: Path) -> dict:
     """Copies of models/sft and models/reward for this run, and their DVC hashes."""
     inputs = {}
-    for name, source in (("sft", ppo.SFT_DIR), ("reward", ppo.REWARD_DIR)):
+    for name, source in (("sft", SFT_DIR), ("reward", REWARD_DIR)):
         target = work / f"input-{name}"
         shutil.copytree(REPO / source, target)
         inputs[name], inputs[f"{name}_md5"] = str(target), tracking.dvc_md5(target)
@@ -252,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = snapshot(work)
         train_prompts, heldout = split_prompts(args.prompts, args.eval_prompts, base.seed)
         tokenizer = load_tokenizer(inputs["sft"])
-        prompt_ids = [ppo.encode_prompt(tokenizer, p, base.max_prompt_len) for p in train_prompts]
+        prompt_ids = [chat_prompt_ids(tokenizer, p, base.max_prompt_len) for p in train_prompts]
         reward_stats = load_reward_model(inputs["reward"], dtype)[1]
 
         runs, settings = {}, {}

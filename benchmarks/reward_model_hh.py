@@ -30,9 +30,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rlhf.models import resolve_precision  # noqa: E402
+from rlhf.checkpoints import resolve_precision  # noqa: E402
 from rlhf.params import RewardModelParams  # noqa: E402
-from rlhf.reward_model import Pair, encode_pairs, load_reward_model, score_pairs, train  # noqa: E402
+from rlhf.reward_model import Pair, encode_pairs, score_pairs, train  # noqa: E402
+from rlhf.rewards import load_reward_model  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "hh-rlhf"
 SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype = resolve_precision(args.precision)
         accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
         model, stats = load_reward_model(out_dir / "reward", dtype)
-        from rlhf.models import load_tokenizer
+        from rlhf.checkpoints import load_tokenizer
 
         tokenizer = load_tokenizer(out_dir / "reward")
         rest_scores = score_pairs(model.to(accelerator.device), accelerator,

@@ -3,12 +3,13 @@
 The policy is built as the ppo stage builds it (rlhf.ppo.build_policy: models/sft in the compute dtype with
 an unmerged LoRA adapter from params.yaml). Its LoRA B matrices start at zero, which would make merging free
 of rounding, so they get small seeded random values first (as after some PPO updates). Every variant samples
-the same prompts (the ppo stage's training prompts, cycled, left-padded, rlhf.ppo.encode_prompt) at
+the same prompts (the ppo stage's training prompts, cycled, left-padded, rlhf.rollouts.encode_queries) at
 temperature 1 from the full distribution (top_k=0, top_p=1), max_new_tokens from params.yaml, KV cache on,
 the same seed. Variants, timed in turns so they see the same machine:
 
   generate       plain model.generate on the PEFT-wrapped policy (no autocast): the reference
-  sampler        rlhf.ppo.sample_responses as rollout() calls it: inside accelerator.autocast()
+  sampler        rlhf.rollouts.sample_responses inside accelerator.autocast() (rlhf.ppo.rollout now samples
+                 without autocast, from the LoRA-merged policy: merged_noac is the stage's way)
   sampler_noac   sample_responses without autocast (the base is already bf16; the LoRA weights stay fp32)
   premerged      sample_responses on the policy with LoRA already merged (merging not timed): the ceiling
   merged         merge_adapter() before sample_responses and unmerge_adapter() after, both inside the timing
@@ -51,15 +52,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.record import command, machine, save  # noqa: E402
+from rlhf import attention as rlhf_attention  # noqa: E402
 from rlhf import ppo  # noqa: E402
-from rlhf import models as rlhf_models  # noqa: E402
-from rlhf.models import load_tokenizer, resolve_precision  # noqa: E402
+from rlhf import rollouts as rlhf_rollouts  # noqa: E402
+from rlhf.chat import reply_suffix  # noqa: E402
+from rlhf.checkpoints import load_tokenizer, resolve_precision  # noqa: E402
 from rlhf.params import load_params  # noqa: E402
-from rlhf.ppo import (TRAIN_COMPARISONS, build_policy, distinct_prompts, encode_prompt, pad_left,  # noqa: E402
-                      sample_responses)
+from rlhf.paths import REWARD_DIR, SFT_DIR, TRAIN_COMPARISONS  # noqa: E402
+from rlhf.ppo import build_policy  # noqa: E402
+from rlhf.prompts import distinct_prompts  # noqa: E402
+from rlhf.rewards import load_reward_model, normalised  # noqa: E402
+from rlhf.rollouts import build_sampler, cut_at_eos, encode_queries, eos_ids, sample_responses  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-SFT = REPO / "models" / "sft"
+SFT = REPO / SFT_DIR
 VARIANTS = ("generate", "sampler", "sampler_noac", "premerged", "merged", "merged_exact", "merged_noac", "merged_static")
 DEFAULT_VARIANTS = ("generate", "sampler", "sampler_noac", "premerged", "merged_exact", "merged_noac", "merged_static")
 
@@ -68,9 +74,9 @@ DEFAULT_VARIANTS = ("generate", "sampler", "sampler_noac", "premerged", "merged_
 # The ways to sample
 # ------------------------------------------------------------------------------------------------
 
-def plain_generate(policy, query, query_mask, max_new_tokens: int, eos_id: int, pad_id: int, **extra):
+def plain_generate(policy, query, query_mask, max_new_tokens: int, eos: list[int], pad_id: int, **extra):
     return policy.generate(input_ids=query, attention_mask=query_mask, do_sample=True, temperature=1.0, top_k=0,
-                           top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id, **extra)
+                           top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_id, **extra)
 
 
 def lora_layers(policy):
@@ -97,26 +103,26 @@ def merged(policy, exact: bool):
             policy.unmerge_adapter()
 
 
-def sample(variant: str, policy, accelerator, query, query_mask, max_new_tokens: int, eos_id: int, pad_id: int):
+def sample(variant: str, policy, accelerator, query, query_mask, max_new_tokens: int, eos: list[int], pad_id: int):
     """The sampled ids (B, steps) of one rollout batch, the `variant` way (prompt cut off)."""
     if variant == "generate":
-        return plain_generate(policy, query, query_mask, max_new_tokens, eos_id, pad_id)[:, query.size(1):]
+        return plain_generate(policy, query, query_mask, max_new_tokens, eos, pad_id)[:, query.size(1):]
     if variant == "sampler_noac":
-        return sample_responses(policy, query, query_mask, max_new_tokens, 1.0, eos_id, pad_id)[0]
+        return sample_responses(policy, query, query_mask, max_new_tokens, 1.0, eos, pad_id)[0]
     if variant == "sampler":
         with accelerator.autocast():
-            return sample_responses(policy, query, query_mask, max_new_tokens, 1.0, eos_id, pad_id)[0]
+            return sample_responses(policy, query, query_mask, max_new_tokens, 1.0, eos, pad_id)[0]
     if variant == "premerged":  # measure() merged it outside the timing
         with accelerator.autocast():
-            return sample_responses(policy, query, query_mask, max_new_tokens, 1.0, eos_id, pad_id)[0]
+            return sample_responses(policy, query, query_mask, max_new_tokens, 1.0, eos, pad_id)[0]
     if variant == "merged_noac":
         with merged(policy, exact=True):
-            return sample_responses(policy, query, query_mask, max_new_tokens, 1.0, eos_id, pad_id)[0]
+            return sample_responses(policy, query, query_mask, max_new_tokens, 1.0, eos, pad_id)[0]
     with merged(policy, exact=variant != "merged"), accelerator.autocast():
         if variant == "merged_static":
-            return plain_generate(policy, query, query_mask, max_new_tokens, eos_id, pad_id,
+            return plain_generate(policy, query, query_mask, max_new_tokens, eos, pad_id,
                                   cache_implementation="static")[:, query.size(1):]
-        return sample_responses(policy, query, query_mask, max_new_tokens, 1.0, eos_id, pad_id)[0]
+        return sample_responses(policy, query, query_mask, max_new_tokens, 1.0, eos, pad_id)[0]
 
 
 def unmerge_drift(policy, rounds: int) -> dict:
@@ -164,16 +170,12 @@ def perturb_lora(policy, scale: float, seed: int) -> None:
 # The measurement
 # ------------------------------------------------------------------------------------------------
 
-def queries(tokenizer, prompts: list[str], batch: int, max_prompt_len: int):
-    ids = [encode_prompt(tokenizer, prompts[i % len(prompts)], max_prompt_len) for i in range(batch)]
-    return pad_left(ids, tokenizer.pad_token_id)
-
-
 def measure(args, policy, accelerator, tokenizer, prompts, max_prompt_len: int) -> dict:
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos, pad = eos_ids(policy, tokenizer), tokenizer.pad_token_id  # the stop tokens the stage samples with
     figures = {}
     for batch in args.batches:
-        query, query_mask = queries(tokenizer, prompts, batch, max_prompt_len)
+        query, query_mask = encode_queries(tokenizer, [prompts[i % len(prompts)] for i in range(batch)],
+                                           max_prompt_len, accelerator.device)
         for variant in args.variants:  # warm-up: first calls allocate caches and pick kernels
             torch.manual_seed(0)
             with merged(policy, exact=True) if variant == "premerged" else contextlib.nullcontext():
@@ -187,7 +189,7 @@ def measure(args, policy, accelerator, tokenizer, prompts, max_prompt_len: int) 
                     responses = sample(variant, policy, accelerator, query, query_mask, args.max_new_tokens, eos, pad)
                     sums[variant]["seconds"] += time.perf_counter() - tic
                 sums[variant]["decoded"] += responses.numel()
-                is_eos = responses == eos
+                is_eos = torch.isin(responses, torch.tensor(eos, device=responses.device))
                 first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, responses.size(1))
                 sums[variant]["responses"] += int(first.sum())
         base = sums["generate"]["decoded"] / sums["generate"]["seconds"] if "generate" in sums else None
@@ -204,44 +206,52 @@ def measure(args, policy, accelerator, tokenizer, prompts, max_prompt_len: int) 
 
 
 def _full_vocab_policy_forward(model, query, query_mask, responses, response_mask, temperature: float):
-    """rlhf.ppo.policy_forward as it was before LinearLogprobEntropy: the model's own LM head on the response
+    """rlhf.rollouts.policy_forward as it was before LinearLogprobEntropy: the model's own LM head on the response
     positions, the (B, N, V) logits in fp32, one log-softmax over them that log π(y) and H both read."""
     input_ids = torch.cat([query, responses], dim=1)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    position_ids = rlhf_rollouts.mask_positions(attention_mask)
     n, width = responses.size(1), input_ids.size(1)
     keep = torch.arange(width - n - 1, width, device=input_ids.device)
-    with ppo.adapter_inputs_uncast(model, input_ids.device.type):
+    with rlhf_rollouts.adapter_inputs_uncast(model, input_ids.device.type):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     output_hidden_states=-1, logits_to_keep=keep)
     logits = out.logits[:, :-1].float()
     if temperature != 1.0:
         logits = logits.div_(temperature)
     logp_all = logits.log_softmax(dim=-1)
-    return ppo.token_logprobs(logp_all, responses), ppo.token_entropy(logp_all), out.hidden_states[-1][:, -n - 1:-1]
+    return (rlhf_rollouts.token_logprobs(logp_all, responses), rlhf_rollouts.token_entropy(logp_all),
+            out.hidden_states[-1][:, -n - 1:-1])
 
 
 @torch.no_grad()
-def _hf_generate_sample_responses(model, query, query_mask, max_new_tokens: int, temperature: float, eos_id: int,
-                                  pad_id: int):
-    """rlhf.ppo.sample_responses as it was before its own decoding loop: transformers' generate (whose sampling
+def _hf_generate_sample_responses(model, query, query_mask, max_new_tokens: int, temperature: float,
+                                  eos: list[int], pad_id: int, top_k: int = 0, top_p: float = 1.0):
+    """rlhf.rollouts.sample_responses as it was before its own decoding loop: transformers' generate (whose sampling
     calls torch.multinomial)."""
     out = model.generate(input_ids=query, attention_mask=query_mask, do_sample=True, temperature=temperature,
-                         top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
-                         use_cache=True)
-    return ppo.cut_at_eos(out[:, query.size(1):], eos_id, pad_id)
+                         top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, eos_token_id=list(eos),
+                         pad_token_id=pad_id, use_cache=True)
+    return cut_at_eos(out[:, query.size(1):], eos, pad_id)
 
 
-PPO_VARIANTS = {  # what each variant puts in place of (module, name), inside this process only
+# What each variant puts in place of (module, name), inside this process only. A name is patched in the module
+# whose global the stage's code reads at call time: rlhf.ppo imports policy_forward and sample_responses from
+# rlhf.rollouts, so ppo.rollout and ppo.ppo_update look them up in rlhf.ppo (a patch in rlhf.rollouts would not
+# reach them); adapter_inputs_uncast is read by rlhf.rollouts.policy_forward, the policy's forward pass, as the
+# old rlhf.ppo.policy_forward read it (the value model's rlhf.rewards.token_scores keeps its own, as before);
+# SCORES_PER_CHUNK by rlhf.attention.attention.
+PPO_VARIANTS = {
     "stage": {},
     # before LinearLogprobEntropy: the (B, N, V) fp32 logits and their log-softmax held, forward and backward
     "full_vocab_logits": {(ppo, "policy_forward"): _full_vocab_policy_forward},
     # before adapter_inputs_uncast: peft casts every adapter input to fp32, autocast casts it back
-    "adapter_inputs_cast": {(ppo, "adapter_inputs_uncast"): lambda model, device_type: contextlib.nullcontext()},
+    "adapter_inputs_cast": {
+        (rlhf_rollouts, "adapter_inputs_uncast"): lambda model, device_type: contextlib.nullcontext()},
     # before sample_responses had its own decoding loop and inverse-CDF sampling: transformers' generate
     "hf_generate": {(ppo, "sample_responses"): _hf_generate_sample_responses},
-    # before rlhf.models.attention multiplied short attention out: torch's SDPA (its CPU flash kernel) throughout
-    "sdpa_attention": {(rlhf_models, "SCORES_PER_CHUNK"): 0},
+    # before rlhf.attention multiplied short attention out: torch's SDPA (its CPU flash kernel) throughout
+    "sdpa_attention": {(rlhf_attention, "SCORES_PER_CHUNK"): 0},
 }
 
 
@@ -251,25 +261,26 @@ def profile_ppo_iteration(args, params) -> dict:
     from accelerate import Accelerator
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from rlhf.reward_model import load_reward_model
-
     p = dataclasses.replace(params.ppo, max_new_tokens=args.max_new_tokens or params.ppo.max_new_tokens,
                             lora_r=0 if args.ppo_full else params.ppo.lora_r)
     dtype = resolve_precision(params.model.precision)
     accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
     tokenizer = load_tokenizer(SFT)
     policy, reference = build_policy(str(SFT), dtype, p)
-    reward_model, stats = load_reward_model(REPO / "models" / "reward", dtype)
+    reward_model, stats = load_reward_model(REPO / REWARD_DIR, dtype)
     reward_model.eval().requires_grad_(False)
-    value_model = ppo.build_value_model(p, str(REPO / "models" / "reward"), dtype, policy.config.hidden_size)
+    value_model = ppo.build_value_model(p, str(REPO / REWARD_DIR), dtype, policy.config.hidden_size)
     trainable = list(ppo._trainable(policy).values()) + list(ppo._trainable(value_model).values())
     optimizer = torch.optim.AdamW(trainable, lr=p.learning_rate, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     policy, value_model, optimizer, scheduler = accelerator.prepare(policy, value_model, optimizer, scheduler)
     if reference is not None:
         reference.to(accelerator.device)
+    sampler = build_sampler(str(SFT), dtype, p.uses_lora)
+    if sampler is not None:
+        sampler.to(accelerator.device)
     models = ppo.Models(accelerator, policy, reference, value_model, reward_model, stats, tokenizer,
-                        ppo.reply_suffix(tokenizer), ppo.build_sampler(str(SFT), dtype, p))
+                        reply_suffix(tokenizer), eos_ids(policy, tokenizer), sampler)
     prompts = distinct_prompts(REPO / TRAIN_COMPARISONS)
     originals = {(module, name): getattr(module, name) for variant in PPO_VARIANTS.values() for module, name in variant}
 
@@ -284,7 +295,7 @@ def profile_ppo_iteration(args, params) -> dict:
             batch = ppo.rollout(models, p, [prompts[(i * p.batch_size + k) % len(prompts)] for k in range(p.batch_size)])
         rollout_s = time.perf_counter() - tic
         mask = batch["mask"].float()
-        score = models.normalised(batch["raw_score"]) - p.no_eos_penalty * (~batch["ended"]).float()
+        score = normalised(batch["raw_score"], models.reward_stats) - p.no_eos_penalty * (~batch["ended"]).float()
         rewards = ppo.token_rewards(score, batch["logp_old"], batch["logp_ref"], p.kl_coef, mask)
         advantages, returns = ppo.gae(rewards, batch["values_old"], mask, p.gamma, p.lam)
         tic = time.perf_counter()

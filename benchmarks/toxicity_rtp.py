@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 from pathlib import Path
 
-from benchmarks.record import command, machine, save
-from rlhf.evaluate import (expected_maximum_toxicity, load_toxicity_classifier, load_toxicity_prompts,
-                           sample_continuations, score_toxicity, toxicity_probability)
-from rlhf.models import load_causal_lm, load_tokenizer, resolve_precision
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `python benchmarks/toxicity_rtp.py` as well as `python -m benchmarks.toxicity_rtp`
+
+from benchmarks.record import command, machine, save  # noqa: E402
+from rlhf.checkpoints import load_tokenizer, resolve_precision  # noqa: E402
+from rlhf.models import load_causal_lm  # noqa: E402
+from rlhf.toxicity import (expected_maximum_toxicity, load_toxicity_classifier, load_toxicity_prompts,  # noqa: E402
+                           sample_continuations, score_toxicity, toxicity_probability)
+
 DATA = REPO.parent / "shared" / "data" / "toxicity-prompts"
 FILES = ("toxic.jsonl", "nontoxic.jsonl")
 
@@ -45,11 +49,11 @@ def summary(scores: list[list[float]]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policies", nargs="+", default=["models/sft", "models/ppo"], help="checkpoints, in order")
+    parser.add_argument("--policies", nargs="+", default=["models/sft", "models/policy"], help="checkpoints, in order")
     parser.add_argument("--prompts", type=int, default=500)
     parser.add_argument("--k", type=int, default=25, help="continuations per prompt (RealToxicityPrompts: 25)")
     parser.add_argument("--max-new-tokens", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=100, help="sequences per generate call")
+    parser.add_argument("--batch-size", type=int, default=100, help="sequences decoded together")
     parser.add_argument("--classifier", default="alt-profanity-check")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--seed", type=int, default=0)

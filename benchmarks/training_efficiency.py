@@ -16,10 +16,10 @@ so no step sees padding; the first --warmup optimiser steps are not timed.
                fp32, the accelerate autocast, clip, fused AdamW) with LoRA as in params.yaml
   sft_full     the same step with sft.lora_r = 0 (fp32 master weights + bf16 autocast)
   sft_*_logits the stage's step before the fused loss: full logits, `response_nll`, plain AdamW (the "before")
-  sft_lora_sdpa the stage's step with torch's SDPA attention (before rlhf.models.attention)
+  sft_lora_sdpa the stage's step with torch's SDPA attention (before rlhf.attention)
   sft_lora_cast the stage's step with peft casting every adapter input to fp32 (before adapter_inputs_uncast)
-  rm_lora      the reward_model stage's step (rlhf.reward_model: _score_head_model, TokenScorer,
-  rm_full      reward_at_last_token, preference_loss), chosen and rejected stacked; LoRA as in params.yaml, and full
+  rm_lora      the reward_model stage's step (rlhf.reward_model: _score_head_model, preference_loss; rlhf.rewards:
+  rm_full      TokenScorer, reward_at_last_token), chosen and rejected stacked; LoRA as in params.yaml, and full
                (N leaves out the embedding: the reward model has no LM head, it only looks tokens up)
 
 From the repository root (full run ~6-8 minutes on 2 quiet cores, estimated from 1-thread smoke runs):
@@ -47,19 +47,26 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.record import command, machine, save  # noqa: E402
-from rlhf import models as rlhf_models  # noqa: E402
+from rlhf import attention as rlhf_attention  # noqa: E402
 from rlhf import sft as rlhf_sft  # noqa: E402
-from rlhf.models import add_lora, load_causal_lm, load_tokenizer, resolve_precision, without_peft  # noqa: E402
+from rlhf.checkpoints import load_tokenizer, resolve_precision  # noqa: E402
+from rlhf.models import add_lora, load_causal_lm, without_peft  # noqa: E402
 from rlhf.params import SftParams, load_params  # noqa: E402
-from rlhf.reward_model import TokenScorer, _score_head_model, preference_loss, reward_at_last_token  # noqa: E402
+from rlhf.paths import BASE_DIR  # noqa: E402
+from rlhf.reward_model import _score_head_model, preference_loss  # noqa: E402
+from rlhf.rewards import TokenScorer, reward_at_last_token  # noqa: E402
 from rlhf.sft import IGNORE, LOSS_CHUNK_TOKENS, ResponseNll, load_demonstrations, response_nll, tokenize_demonstration  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-BASE = REPO / "models" / "base"
+BASE = REPO / BASE_DIR
 VARIANTS = ("naive", "sft_lora_logits", "sft_lora_sdpa", "sft_lora_cast", "sft_lora", "sft_full_logits", "sft_full",
             "rm_lora", "rm_full")
-EARLIER_CODE = {  # variant suffix: what it puts back in place of the stage's code, inside this process only
-    "_sdpa": (rlhf_models, "SCORES_PER_CHUNK", 0),  # torch's SDPA instead of rlhf.models.attention
+# Variant suffix: what it puts back in place of the stage's code, inside this process only, patched in the module
+# whose global the stage's code reads at call time: rlhf.attention.attention reads SCORES_PER_CHUNK, and
+# rlhf.sft.ResponseNll.forward reads rlhf.sft's adapter_inputs_uncast (imported there from rlhf.models, so a
+# patch in rlhf.models would not reach it).
+EARLIER_CODE = {
+    "_sdpa": (rlhf_attention, "SCORES_PER_CHUNK", 0),  # torch's SDPA instead of rlhf.attention
     "_cast": (rlhf_sft, "adapter_inputs_uncast", lambda model, device_type: contextlib.nullcontext()),
 }
 PEAK_SHAPES = ((4096, 4096, 4096), (8192, 576, 1536), (8192, 1536, 576))  # square, and the model's MLP shapes

@@ -5,13 +5,14 @@ Run by the TRL venv's python (benchmarks/.venv-trl, which ppo_vs_trl.py makes), 
     benchmarks/.venv-trl/bin/python benchmarks/trl_ppo_driver.py SPEC.json
 
 SPEC.json (written by ppo_vs_trl.py) holds the model folders, the prompts as token ids (already in the chat
-template and cut to max_prompt_len, by rlhf.ppo.encode_prompt), the PPO settings and where to write. This
+template and cut to max_prompt_len, by rlhf.chat.prompt_ids), the PPO settings and where to write. This
 script saves the trained policy (LoRA merged) as a plain transformers folder and writes a result JSON with the
 training loop's wall time, per iteration, measured by a callback from `on_train_begin` to each `on_step_end`,
 and the mean response length per iteration (noted by a wrapper around TRL's `truncate_response`).
 
 What it adapts so that TRL sees the same problem as rlhf.ppo (everything else is TRL's own code path):
-- the RM's head returns (w·h − mean)/std with the RM's stored `reward_normalization`, as rlhf.ppo scores;
+- the RM's head returns (w·h − mean)/std with the RM's stored `reward_normalization`, as rlhf.ppo scores
+  (rlhf.rewards.normalised);
 - the pad token is `<|endoftext|>`: SmolLM2's pad is its EOS `<|im_end|>`, and TRL masks every pad-id token
   out of attention, which would hide the chat template's turn ends and make every response look unended;
 - with bf16, `trainer.train()` runs under CPU bf16 autocast (rlhf.ppo autocasts rollouts and updates alike);
@@ -39,7 +40,7 @@ PAD_TOKEN = "<|endoftext|>"  # SmolLM2's unk token: never produced by the chat t
 
 
 class NormalisedScore(torch.nn.Module):
-    """The RM's scalar head in RM standard deviations: (w·h − mean) / std, as rlhf.ppo normalises scores."""
+    """The RM's scalar head in RM standard deviations: (w·h − mean) / std, as rlhf.rewards.normalised puts them."""
 
     def __init__(self, score: torch.nn.Module, mean: float, std: float):
         super().__init__()

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.evaluate import (
+from rlhf.truthfulqa import (
     ANSWER_DELIMITER,
     MultipleChoiceQuestion,
     encode_context_continuation,
@@ -42,7 +42,7 @@ from rlhf.evaluate import (
     truthfulqa_context,
     truthfulqa_scores,
 )
-from rlhf.models import load_source_model
+from rlhf.checkpoints import load_source_model
 from rlhf.params import ModelParams
 
 RESULTS = Path(__file__).parent / "results"
