@@ -16,11 +16,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rlhf import promote
-from rlhf.feedback import Feedback, ServedCompletion, feedback_comparisons, served_prompts
+from rlhf.checkpoints import load_tokenizer
 from rlhf.labeling.db import make_engine
-from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.models import load_causal_lm
 from rlhf.params import ServeParams
 from rlhf.serve import Row, check_api_keys, create_app, generate_rows, sample_next_tokens
+from rlhf.serve_store import Feedback, ServedCompletion, feedback_comparisons, served_prompts
 from tests.conftest import build_tiny_model
 
 NAME = "tiny-served"
@@ -57,12 +58,21 @@ def registry(tmp_path_factory, tiny_model_dir):
 
 
 @pytest.fixture
-def server(registry, tmp_path):
-    """The app on a free loopback port, champion v1, polling the registry every 0.2 s."""
+def server(running_app):
+    client, settings, versions, _app = running_app
+    return client, settings, versions
+
+
+@pytest.fixture
+def running_app(registry, tmp_path, request):
+    """The app on a free loopback port, champion v1, polling the registry every 0.2 s; no rate limit to speak of
+    unless a test passes other settings (indirect parametrization)."""
     folder, versions = registry
     MlflowClient().set_registered_model_alias(NAME, "champion", versions[0])
-    settings = ServeParams(database=f"sqlite:///{tmp_path / 'feedback.db'}", poll_seconds=0.2, max_new_tokens=12,
-                           max_prompt_tokens=256, max_request_bytes=4096, max_batch_size=4, batch_wait_ms=5.0)
+    settings = ServeParams(**{
+        "database": f"sqlite:///{tmp_path / 'feedback.db'}", "poll_seconds": 0.2, "max_new_tokens": 12,
+        "max_prompt_tokens": 256, "max_request_bytes": 4096, "max_batch_size": 4, "batch_wait_ms": 5.0,
+        "key_requests_per_minute": 60_000, **getattr(request, "param", {})})
     app = create_app(settings, NAME, [KEY, OTHER_KEY])
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
@@ -74,7 +84,7 @@ def server(registry, tmp_path):
         time.sleep(0.05)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     try:
-        yield client, settings, versions
+        yield client, settings, versions, app
     finally:
         client.close()
         uv.should_exit = True
@@ -139,12 +149,12 @@ def test_feedback_thumbs_and_pairwise_become_comparisons(server):
                           headers={"Authorization": f"Bearer {OTHER_KEY}"})
     assert foreign.status_code == 404  # another key's completion reads as absent
 
-    comparisons = feedback_comparisons(settings.database)
+    comparisons, _ = feedback_comparisons(settings.database, settings.scrub_max_chars)
     (row,) = comparisons.to_dict("records")
     assert row["pair_id"] == f"feedback-{pair['id']}" and row["chosen"] == "b"
     assert row["source"] == f"feedback:{NAME}/{versions[0]}"
     assert row["response_b"] == pair["choices"][1]["message"]["content"]
-    prompts = served_prompts(settings.database)
+    prompts, _ = served_prompts(settings.database, settings.scrub_max_chars)
     assert "my mail is [EMAIL], explain rain" in set(prompts["prompt"])
     engine = make_engine(settings.database)
     with Session(engine) as db:
@@ -238,7 +248,7 @@ def test_champion_switch_during_requests_fails_none(server):
 def test_batched_greedy_generation_matches_one_prompt_at_a_time(tiny_model_dir):
     model, tokenizer = load_causal_lm(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
     prompts = [tokenizer(p)["input_ids"] for p in ("the sky", "write a short poem about rain on a window", "rain")]
-    rows = [Row(10, 0.0, 1.0, torch.Generator(), prompt_ids=ids) for ids in prompts]
+    rows = [Row(10, 0.0, 1.0, seed=0, prompt_ids=ids) for ids in prompts]
     generate_rows(model, rows, tokenizer.pad_token_id, frozenset({tokenizer.eos_token_id}))
     for ids, row in zip(prompts, rows):
         reference = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False,

@@ -90,7 +90,7 @@ def database_url(request, tmp_path):
 
 
 def only_tables_with_a_model(obj, name, type_, reflected, compare_to) -> bool:
-    # Other modules add tables to this migration chain (rlhf/feedback.py's served_*). Their models join
+    # Other modules add tables to this migration chain (rlhf/serve_store.py's served_*). Their models join
     # Base only when that module is imported; a table with no model loaded here is not this test's business.
     return not (type_ == "table" and reflected and compare_to is None)
 

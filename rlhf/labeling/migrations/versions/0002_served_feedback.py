@@ -1,4 +1,4 @@
-"""The model server's feedback store: served completions, their choices, and users' feedback (rlhf/feedback.py).
+"""The model server's feedback store: served completions, their choices, and users' feedback (rlhf/serve_store.py).
 
 Revision ID: 0002
 Revises: 0001
