@@ -14,12 +14,12 @@ from prefect import flow, runtime  # noqa: E402
 from rlhf import tracking  # noqa: E402
 from tasks.stages import run_dvc_stage  # noqa: E402
 
-PIPELINE = ("prepare", "refeed", "collect", "validate", "sft", "reward_model", "ppo", "evaluate", "promote")
+PIPELINE = ("prepare", "refeed", "collect", "validate", "sft", "reward_model", "policy", "evaluate", "promote")
 
 
 @flow(name="rlhf-cycle", log_prints=True)
 def rlhf_cycle(stages: list[str] | None = None, force: bool = False) -> dict:
-    """prepare -> refeed -> collect -> validate -> sft -> reward_model -> ppo -> evaluate -> promote,
+    """prepare -> refeed -> collect -> validate -> sft -> reward_model -> policy -> evaluate -> promote,
     each as `dvc repro` of one stage, under one parent MLflow run."""
     selected = [s for s in PIPELINE if stages is None or s in stages]
     unknown = sorted(set(stages or []) - set(PIPELINE))

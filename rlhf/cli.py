@@ -44,6 +44,18 @@ def _rollback(args) -> int:
     return 0
 
 
+def _gate(args) -> int:
+    from rlhf.human_gate import decide_when_complete
+    from rlhf.params import load_params
+
+    params = load_params()
+    name = args.model or params.promote.model_name
+    result = decide_when_complete(name, args.version, args.db or params.evaluate.human_database, params.promote,
+                                  params.evaluate.win_rate_confidence, args.wait, args.poll)
+    print(result.summary())
+    return 0
+
+
 def _label(args) -> int:
     from rlhf.labeling.cli import main as label_main
 
@@ -77,6 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     back.add_argument("--by")
     back.add_argument("--model")
     back.set_defaults(func=_rollback)
+    gate = sub.add_parser("gate", help="decide a version that awaits people: read its human evaluation campaign and, "
+                                       "once complete, record the gate's decision (promoting it if it passes)")
+    gate.add_argument("--version", required=True, help="the registered version the promote stage left awaiting")
+    gate.add_argument("--model", help="registered model name (default: promote.model_name)")
+    gate.add_argument("--db", help="the labeling database holding the campaign (default: evaluate.human_database)")
+    gate.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                      help="while the campaign is not complete, look again for up to this long (default: look once)")
+    gate.add_argument("--poll", type=float, default=60.0, metavar="SECONDS", help="seconds between looks with --wait")
+    gate.set_defaults(func=_gate)
     label = sub.add_parser("label", help="the labeling web app: serve, create-campaign, invite, export (see `rlhf label --help`)",
                            add_help=False)
     label.add_argument("rest", nargs=argparse.REMAINDER)

@@ -36,13 +36,16 @@ from rlhf.importers import QUARANTINE_SCHEMA, import_comparisons, read_records, 
 from rlhf.judges import judge_name, judge_pairs, judge_summary, make_judge
 from rlhf.models import load_causal_lm
 from rlhf.outputs import together
-from rlhf.params import EMBEDDED_PROMPTS, CollectParams, ModelParams, ParamError, load_params
-from rlhf.paths import COLLECTED as OUT, FEEDBACK_COMPARISONS, SERVED_PROMPTS
+from rlhf.params import EMBEDDED_PROMPTS, CollectParams, ParamError, load_params
+from rlhf.paths import BASE_DIR, COLLECTED as OUT, FEEDBACK_COMPARISONS, SAMPLING_POLICY, SERVED_PROMPTS
 from rlhf.prompts import embedded_prompt_records
+from rlhf.registry import download_checkpoint
 from rlhf.rollouts import sample_k
 from rlhf.stage import run_stage
+from rlhf.verifiers import Task, judge_pair, task_prompt, train_tasks
 
 JUDGEMENTS = "data/comparisons/judgements.parquet"
+CHAMPION_POLICY = "champion"  # collect.policy: the registry's champion, models/base before the first one
 IMPORT_QUARANTINE = "data/comparisons/import_quarantine.parquet"  # lines of collect.import_data not imported, with why
 METRICS = "metrics/collect.json"
 
@@ -93,8 +96,9 @@ def load_prompts(params: CollectParams) -> list[str]:
     if over_share:
         served = rng.sample(served, cap)
     if over_key or over_share:
-        print(f"collect: served prompts left out of the pool: {over_key} past collect.max_prompts_per_key "
-              f"({params.max_prompts_per_key} a key), {over_share} past collect.max_served_share ({share})")
+        print(f"collect: {len(served)} served prompts join the pool; left out: {over_key} past "
+              f"collect.max_prompts_per_key ({params.max_prompts_per_key} a key), {over_share} past the {cap} that "
+              f"collect.max_served_share ({share}) and collect.num_prompts allow")
     if params.num_prompts > len(served) + len(pool):
         raise ParamError(
             f"params.yaml: collect.num_prompts is {params.num_prompts}, but the prompt pool holds {len(pool)} distinct "
@@ -106,12 +110,13 @@ def load_prompts(params: CollectParams) -> list[str]:
     return served + rng.sample(pool, params.num_prompts - len(served))
 
 
-def _refeed_snapshot(path: str) -> str:
-    """`path`, a snapshot the refeed stage (`python -m rlhf.refeed`) wrote from the model server's feedback store."""
+def _refeed_snapshot(path: str, why: str = "collect.sources includes 'feedback'") -> str:
+    """`path`, a snapshot the refeed stage (`python -m rlhf.refeed`) wrote from the model server's feedback store
+    and the registry."""
     if not Path(path).exists():
-        raise ParamError(f"collect.sources includes 'feedback', but {path} is missing. The refeed stage writes it from "
-                         "the model server's feedback store (serve.database): run `python -m rlhf.refeed` (or "
-                         "`dvc repro refeed`) first, or drop 'feedback' from collect.sources.")
+        raise ParamError(f"{why}, but {path} is missing. The refeed stage writes it from the model server's feedback "
+                         "store (serve.database) and the registry: run `python -m rlhf.refeed` (or `dvc repro refeed`) "
+                         "first, or drop 'feedback' from collect.sources and set collect.policy to a checkpoint folder.")
     return path
 
 
@@ -168,29 +173,73 @@ def policy_version(checkpoint: str) -> str:
 # The stage
 # ------------------------------------------------------------------------------------------------
 
-def policy_comparisons(params: CollectParams, model_params: ModelParams, created_at: pd.Timestamp):
-    """Sampled and judged pairs as comparison rows, the judge's per-pair record, and the metrics."""
-    set_seed(params.seed)
-    prompts = load_prompts(params)
-    policy = load_causal_lm(params.policy, dtype=resolve_precision(model_params.precision)).eval()
-    triples, metrics = sample_pairs(policy, load_tokenizer(params.policy), prompts, params)
+def sampling_policy(params: CollectParams) -> tuple[str, str]:
+    """(checkpoint folder, the version each row records) of the policy that samples the pairs. With
+    collect.policy 'champion': the registry's champion as the refeed stage found it (its sampling-policy snapshot),
+    so each cycle's feedback is on what is deployed, and models/base before there is one (the first cycle);
+    otherwise the folder collect.policy names."""
+    if params.policy != CHAMPION_POLICY:
+        return params.policy, policy_version(params.policy)
+    snapshot = json.loads(Path(_refeed_snapshot(SAMPLING_POLICY, "collect.policy is 'champion'")).read_text())
+    if snapshot.get("collect.policy") != CHAMPION_POLICY:
+        raise ParamError(f"{SAMPLING_POLICY} was written for collect.policy {snapshot.get('collect.policy')!r}, but "
+                         "collect.policy is 'champion' now. Run the refeed stage again (`dvc repro refeed`).")
+    if snapshot["version"] is None:
+        return BASE_DIR, policy_version(BASE_DIR)
+    name, version = snapshot["model_name"], snapshot["version"]
+    return str(download_checkpoint(f"models:/{name}/{version}")), f"{name}/{version}"
+
+
+def verifier_judgements(triples: list[tuple[str, str, str]], tasks: dict[str, Task]) -> pd.DataFrame:
+    """The verifier's verdicts on pairs of answers to verifiable tasks, in the judge record's columns: the
+    correct answer is chosen; both right or both wrong is a tie (rlhf.verifiers.judge_pair)."""
+    chosen = [judge_pair(tasks[prompt], a, b) for prompt, a, b in triples]
+    return pd.DataFrame({"judge": "verifier", "margin_ab": float("nan"), "margin_ba": float("nan"),
+                         "rubric_margin": 0.0, "bias": 0.0, "vote_ab": chosen, "vote_ba": chosen, "chosen": chosen,
+                         "outcome": ["tie" if c == "tie" else "consistent" for c in chosen]})
+
+
+def policy_comparisons(params, created_at: pd.Timestamp):
+    """Sampled and judged pairs as comparison rows, the judges' per-pair record, and the metrics.
+
+    The pool mixes open-ended prompts (judged by the AI judge) with `collect.verifiable_prompts` tasks of known
+    answer (judged by their verifier, the offline AI feedback with a known truth); held-out tasks never join it.
+    """
+    p = params.collect
+    set_seed(p.seed)
+    tasks = {task_prompt(t, params.tasks.instruction): t for t in train_tasks(params.tasks, p.verifiable_prompts)} \
+        if p.verifiable_prompts else {}
+    open_prompts = load_prompts(p)
+    prompts = open_prompts + [prompt for prompt in tasks if prompt not in set(open_prompts)]
+    folder, version = sampling_policy(p)
+    policy = load_causal_lm(folder, dtype=resolve_precision(params.model.precision)).eval()
+    triples, metrics = sample_pairs(policy, load_tokenizer(folder), prompts, p)
     del policy
-    judge = judge_name(params)
-    margins = make_judge(params, model_params)
+    open_ended = [t for t in triples if t[0] not in tasks]
+    verifiable = [t for t in triples if t[0] in tasks]
+    judge = judge_name(p)
     tic = time.perf_counter()
-    judged = judge_pairs(triples, margins, params, judge)
+    judged_open = judge_pairs(open_ended, make_judge(p, params.model), p, judge) if open_ended else None
     seconds = time.perf_counter() - tic
-    version = policy_version(params.policy)
+    judged_verifiable = verifier_judgements(verifiable, tasks)
+    ordered = open_ended + verifiable
+    judged = pd.concat([j for j in (judged_open, judged_verifiable) if j is not None and len(j)], ignore_index=True) \
+        if ordered else judge_pairs([], None, p, judge)
     rows = pd.DataFrame({
-        "pair_id": [hashlib.sha256("\x00".join((version, *t)).encode()).hexdigest()[:16] for t in triples],
-        "prompt": [t[0] for t in triples], "response_a": [t[1] for t in triples], "response_b": [t[2] for t in triples],
-        "chosen": judged["chosen"].tolist(), "source": f"judge:{judge}", "policy_version": version,
-        "votes": None, "agreement": None, "created_at": created_at,
+        "pair_id": [hashlib.sha256("\x00".join((version, *t)).encode()).hexdigest()[:16] for t in ordered],
+        "prompt": [t[0] for t in ordered], "response_a": [t[1] for t in ordered], "response_b": [t[2] for t in ordered],
+        "chosen": judged["chosen"].tolist(),
+        "source": [f"judge:{judge}"] * len(open_ended) + ["judge:verifier"] * len(verifiable),
+        "policy_version": version, "votes": None, "agreement": None, "created_at": created_at,
     }, columns=list(COLUMNS))
     judged.insert(0, "pair_id", rows["pair_id"])
-    metrics.update(judge_summary(judged))
-    metrics["perf/judge_pairs_per_s"] = round(len(triples) / max(seconds, 1e-9), 3)
-    metrics["perf/judge_seconds"] = round(seconds, 1)
+    metrics.update(judge_summary(judged.iloc[:len(open_ended)]))
+    outcome = judged_verifiable["chosen"].value_counts()
+    metrics.update({"collect/policy_version": version, "collect/verifiable_pairs": len(verifiable),
+                    "verifier/decisive": int(outcome.get("a", 0) + outcome.get("b", 0)),
+                    "verifier/ties": int(outcome.get("tie", 0)),
+                    "perf/judge_pairs_per_s": round(len(open_ended) / max(seconds, 1e-9), 3),
+                    "perf/judge_seconds": round(seconds, 1)})
     return rows, judged, metrics
 
 
@@ -205,7 +254,7 @@ def collect(params, out: str = OUT, judgements_out: str = JUDGEMENTS, quarantine
                                    "vote_ab", "vote_ba", "chosen", "outcome"])
     for source in p.sources:
         if source == "policy":
-            rows, judged, m = policy_comparisons(p, params.model, created_at)
+            rows, judged, m = policy_comparisons(params, created_at)
         elif source == "feedback":  # users' ratings, already comparison rows with source 'feedback:<model>/<version>'
             rows = read_comparisons(_refeed_snapshot(FEEDBACK_COMPARISONS))
             m = {"collect/feedback_comparisons": len(rows),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -61,8 +62,8 @@ def _task_generators_ok(generators) -> bool:
 
 @dataclass(frozen=True)
 class TasksParams:
-    # The embedded default bakes the same defaults in (the first entry, 2 one-digit terms added, is where the
-    # base policy has room: greedy 0.21, pass@8 0.54; benchmarks/results/verifier_headroom.json).
+    # The default, 2 one-digit terms added, is where the base policy has room to learn: right 0.17 of the time
+    # greedily and 0.44 within 8 samples on 48 items (benchmarks/results/verifier_headroom.json; the issue's run: 0.21, 0.54).
     generators: list[dict] = _f(
         ({"name": "basic_arithmetic", "weight": 1.0,
           "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"]}},),
@@ -178,7 +179,10 @@ class CollectParams:
     prompts: str = _f(EMBEDDED_PROMPTS, "prompt pool: 'embedded:prompts', a local .jsonl/.parquet file, or a hub dataset id")
     prompt_field: str = _f("prompt", "column of the pool holding the prompt")
     num_prompts: int = _f(160, "prompts drawn from the pool (seeded); 0 takes them all", "must be >= 0", _non_negative)
-    policy: str = _f("models/base", "checkpoint folder that samples the pairs (models/base is model.policy as prepared)")
+    max_served_share: float = _f(0.5, "with 'feedback', the largest share of the drawn prompts that served prompts may take (a seeded sample of them past it), so the users of the served model cannot decide alone what the policy trains on", "must lie in [0, 1]; 1 lets served prompts fill the pool", lambda v: 0 <= v <= 1)
+    max_prompts_per_key: int = _f(20, "with 'feedback', at most this many served prompts from one API key join the pool (the first it sent), so one caller sending many distinct prompts cannot take the served share alone", "must be >= 1", _positive)
+    policy: str = _f("champion", "what samples the pairs: 'champion' (the registry's champion, so each cycle's feedback is on what is deployed; models/base, model.policy as prepared, before the first one) or a checkpoint folder")
+    verifiable_prompts: int = _f(160, "tasks of known answer (the `tasks` section's generators, training seed) mixed into the pool; their pairs are judged by the verifier, not the AI judge", "must be >= 0", _non_negative)
     temperature: float = _f(0.9, "sampling temperature", "must be > 0; 0.7 to 1.0 is usual", _positive)
     top_p: float = _f(0.95, "nucleus sampling: keep the smallest token set with this much probability", "must lie in (0, 1]", lambda v: 0 < v <= 1)
     top_k: int = _f(50, "sample from the k most likely tokens only (transformers' default); 0 for no limit", "must be >= 0", lambda v: v >= 0)
@@ -232,44 +236,110 @@ class RewardModelParams:
     lora_dropout: float = _f(0.0, "dropout on the LoRA path (its random masks cost ~1.8x in step time on a CPU)", "must lie in [0, 1)", lambda v: 0 <= v < 1)
     eval_every: int = _f(20, "optimiser steps between validation passes", "must be >= 1", _positive)
     seed: int = _f(0, "seed for shuffling and the scalar head's initialisation")
+    quality_confidence: float = _f(0.95, "confidence of the held-out (validation split) pairwise accuracy's Wilson interval, which the policy stage checks", "must lie in (0, 1)", _fraction)
 
     @property
     def uses_lora(self) -> bool:
         return self.lora_r > 0
 
 
+REWARD_SOURCES = ("rm", "verifier")  # policy.reward's built-in parts; any other part is a `module:function`
+
+
+def reward_weights(reward: str | dict) -> dict[str, float]:
+    """policy.reward as {part: weight}: one part named alone has weight 1."""
+    return {reward: 1.0} if isinstance(reward, str) else {str(k): float(v) for k, v in reward.items()}
+
+
+def reward_problem(reward) -> str | None:
+    """What is wrong with a policy.reward, as the middle of a sentence, or None."""
+    if not isinstance(reward, (str, dict)) or not reward:
+        return f"is {reward!r}, but it must name what the policy maximises: one part, or a mapping of parts to weights."
+    for part, weight in (reward.items() if isinstance(reward, dict) else [(reward, 1.0)]):
+        if not isinstance(part, str) or (part not in REWARD_SOURCES and ":" not in part):
+            close = difflib.get_close_matches(str(part), REWARD_SOURCES, n=1)
+            hint = f" Did you mean `{close[0]}`?" if close else ""
+            return (f"names the part {part!r}, which is neither 'rm', 'verifier' nor a `module:function` (a reward "
+                    f"function such as `my_rewards:brevity`).{hint}")
+        if part == "rlhf.verifiers:verifier_reward":
+            return ("names `rlhf.verifiers:verifier_reward`, which scores only prompts made from a verifiable task and "
+                    "fails on the open-ended ones; name it `verifier`, which the stage applies to the task prompts only.")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight == 0:
+            return f"gives the part `{part}` the weight {weight!r}; a weight must be a finite number other than 0."
+    return None
+
+
+def _reward_ok(reward) -> bool:
+    problem = reward_problem(reward)
+    if problem:
+        raise ParamError(
+            f"params.yaml: `policy.reward` {problem} It is one part, `rm` (the reward model, in its standard "
+            "deviations), `verifier` (1 for a correct answer to a verifiable task, 0 for a wrong one) or a "
+            "`module:function` taking (prompts, responses, metadata), or a weighted sum such as "
+            "`{rm: 1.0, verifier: 1.0}`. Edit it and run `dvc repro policy` again."
+        )
+    return True
+
+
 @dataclass(frozen=True)
-class PpoParams:
-    prompts: str = _f(EMBEDDED_PROMPTS, "training prompts, less every test-split prompt: 'embedded:prompts' (the project's pool), 'comparisons' (the distinct prompts of the comparisons' train split) or a local .jsonl/.parquet file with a `prompt` column")
-    iterations: int = _f(30, "PPO iterations (sample a batch, score it, update)", "must be >= 1", _positive)
-    batch_size: int = _f(8, "prompts sampled per iteration, one response each", "must be >= 1 and no larger than the number of training prompts", _positive)
-    minibatch_size: int = _f(4, "responses per gradient step", "must be >= 1 and divide ppo.batch_size", _positive)
-    ppo_epochs: int = _f(2, "passes of minibatch updates over each iteration's batch", "must be >= 1", _positive)
+class PolicyParams:
+    # Settings marked (ppo), (grpo), (dpo), ... are read by that algorithm only; the others by every online one
+    # (every algorithm but dpo). The defaults run PPO against the reward model, as the stage did before it had others.
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp", "dpo"] = _f("ppo", "the optimiser: 'ppo' (clipped PPO with a value model and GAE), 'grpo' (group-relative advantages, no value model), 'rloo' (leave-one-out baseline over a prompt's responses), 'reinforce_pp' (REINFORCE++: per-token KL in the reward, advantages normalised over the batch) or 'dpo' (the comparisons' train split directly: no reward model, no sampling)")
+    reward: str | dict = _f("rm", "what an online algorithm maximises: 'rm', 'verifier', a `module:function`, or a weighted sum such as {rm: 1.0, verifier: 1.0}", "must name known parts with finite non-zero weights", _reward_ok)
+    allow_weak_reward_model: bool = _f(False, "train against a reward model whose held-out pairwise accuracy is not above chance (the lower bound of its interval <= 0.5); otherwise the stage stops before training")
+    prompts: str = _f(EMBEDDED_PROMPTS, "open-ended training prompts, less every test-split prompt: 'embedded:prompts' (the project's pool), 'comparisons' (the distinct prompts of the comparisons' train split) or a local .jsonl/.parquet file with a `prompt` column")
+    task_prompts: int = _f(320, "verifiable tasks (rlhf.verifiers.train_tasks, tasks.train_seed) added to the training prompts; 0 for none", "must be >= 0", _non_negative)
+    iterations: int = _f(30, "iterations of an online algorithm (sample a batch, score it, update)", "must be >= 1", _positive)
+    batch_size: int = _f(8, "responses sampled per iteration, group_size to a prompt; (dpo) comparison pairs per optimiser step", "must be >= 1 and no larger than the number of training prompts times group_size", _positive)
+    group_size: int = _f(1, "responses sampled per prompt: grpo and rloo compare a prompt's responses with each other, so they need >= 2 (4 to 8 is usual)", "must be >= 1 and divide policy.batch_size", _positive)
+    minibatch_size: int = _f(4, "responses per gradient step; (dpo) pairs per forward pass, their gradients summed over batch_size", "must be >= 1 and divide policy.batch_size", _positive)
+    update_epochs: int = _f(2, "passes of minibatch updates over each iteration's batch (PPO's epochs, GRPO's μ)", "must be >= 1", _positive)
     max_prompt_len: int = _f(256, "prompt tokens kept (cut from the left, so the end of a long conversation stays)", "must be >= 8", lambda v: v >= 8)
-    max_new_tokens: int = _f(96, "longest sampled response in tokens", "must be >= 1", _positive)
+    max_new_tokens: int = _f(96, "longest sampled response in tokens; (dpo) a longer comparison response is cut to it", "must be >= 1", _positive)
     temperature: float = _f(1.0, "sampling temperature; log-probabilities are taken under the same tempered distribution", "must be > 0; 0.7 to 1.0 is usual", _positive)
     learning_rate: float = _f(3e-4, "peak learning rate, decayed linearly to 0 over the run", "must be > 0; 1e-5 to 1e-4 is usual with LoRA, 1e-6 to 1e-5 for full fine-tuning", _positive)
     lora_r: int = _f(16, "LoRA rank of the policy; 0 trains every weight and keeps a frozen copy as reference", "must be >= 0", _non_negative)
     lora_alpha: int = _f(32, "LoRA scale numerator (scale = alpha / r)", "must be > 0", _positive)
-    value_model: Literal["head", "reward_model"] = _f("head", "'head': a linear value head on the policy's last hidden state; 'reward_model': a separate value model initialised from the reward model")
-    kl_coef: float = _f(0.1, "initial β of the per-token penalty −β·(log π − log π_ref)", "must be >= 0; 0.01 to 0.2 is usual", _non_negative)
+    value_model: Literal["head", "reward_model"] = _f("head", "(ppo) 'head': a linear value head on the policy's last hidden state; 'reward_model': a separate value model initialised from the reward model")
+    kl_coef: float = _f(0.1, "initial β of the KL penalty to the reference (in the reward, or grpo's loss term)", "must be >= 0; 0.01 to 0.2 is usual", _non_negative)
     kl_target: float = _f(4.0, "KL per response (nats) the adaptive controller steers β towards", "must be > 0", _positive)
     kl_horizon: int = _f(32, "responses over which the controller closes the gap to kl_target (smaller reacts faster)", "must be >= 1", _positive)
-    gamma: float = _f(1.0, "discount γ of GAE", "must lie in (0, 1]", lambda v: 0 < v <= 1)
-    lam: float = _f(0.95, "λ of GAE (bias-variance trade-off)", "must lie in [0, 1]", lambda v: 0 <= v <= 1)
+    grpo_kl: Literal["loss", "reward"] = _f("loss", "(grpo) the KL to the reference as a loss term β·k3 per token (the GRPO paper), or subtracted from each response's reward as β·KL before the group's advantages")
+    dr_grpo: bool = _f(False, "(grpo) Dr. GRPO: advantages r − mean(r) without dividing by the group's std, and the loss summed over tokens and divided by max_new_tokens rather than averaged per response")
+    gamma: float = _f(1.0, "discount γ of (ppo) GAE and (reinforce_pp) the returns", "must lie in (0, 1]", lambda v: 0 < v <= 1)
+    lam: float = _f(0.95, "(ppo) λ of GAE (bias-variance trade-off)", "must lie in [0, 1]", lambda v: 0 <= v <= 1)
     clip_eps: float = _f(0.2, "ε bounding the policy ratio to [1−ε, 1+ε]", "must lie in (0, 1); 0.2 is usual", _fraction)
-    value_clip: float = _f(0.2, "how far a value may move from its sampled estimate before its loss is clipped", "must be > 0", _positive)
-    vf_coef: float = _f(0.1, "weight of the value loss in the total loss", "must be >= 0", _non_negative)
+    value_clip: float = _f(0.2, "(ppo) how far a value may move from its sampled estimate before its loss is clipped", "must be > 0", _positive)
+    vf_coef: float = _f(0.1, "(ppo) weight of the value loss in the total loss", "must be >= 0", _non_negative)
     entropy_coef: float = _f(0.001, "weight c_H of the entropy bonus (the loss gets −c_H·H)", "must be >= 0", _non_negative)
     max_grad_norm: float = _f(1.0, "gradient-norm clip", "must be > 0", _positive)
-    no_eos_penalty: float = _f(0.5, "subtracted from the normalised RM score of a response that reaches max_new_tokens without EOS", "must be >= 0", _non_negative)
-    checkpoint_every: int = _f(5, "iterations between checkpoints under checkpoints/ppo (a restarted stage resumes from the last)", "must be >= 1", _positive)
-    eval_responses: int = _f(48, "responses sampled on held-out prompts (the test split's, in turn) by the SFT and the PPO policy to compare their RM scores", "must be >= 1", _positive)
+    no_eos_penalty: float = _f(0.5, "subtracted from the reward of a response that reaches max_new_tokens without EOS", "must be >= 0", _non_negative)
+    dpo_beta: float = _f(0.1, "(dpo) β: the strength of the pull towards the reference (IPO: the margin is 1/(2β))", "must be > 0; 0.1 to 0.5 is usual", _positive)
+    dpo_loss: Literal["sigmoid", "ipo"] = _f("sigmoid", "(dpo) 'sigmoid': DPO's −log σ(β·h); 'ipo': IPO's (h − 1/(2β))², h the chosen-minus-rejected log-ratio margin")
+    dpo_epochs: int = _f(1, "(dpo) passes over the comparisons' train split", "must be >= 1", _positive)
+    checkpoint_every: int = _f(5, "iterations ((dpo) optimiser steps) between checkpoints under checkpoints/policy (a restarted stage resumes from the last)", "must be >= 1", _positive)
+    eval_every: int = _f(10, "iterations ((dpo) optimiser steps) between over-optimisation points: held-out proxy RM score, gold accuracy and KL (also at the start and the end)", "must be >= 1", _positive)
+    eval_responses: int = _f(48, "responses sampled on held-out prompts (the test split's, in turn) at each over-optimisation point and before/after", "must be >= 1", _positive)
+    gold_tasks: int = _f(32, "held-out verifiable tasks (the first of tasks.heldout_seed's) answered greedily at each over-optimisation point: the gold accuracy; 0 for none", "must be >= 0 and at most tasks.heldout_size", _non_negative)
     seed: int = _f(0, "seed for prompt order, sampling and initialisation")
 
     @property
     def uses_lora(self) -> bool:
         return self.lora_r > 0
+
+    @property
+    def online(self) -> bool:
+        """Samples responses and scores them (every algorithm but dpo)."""
+        return self.algorithm != "dpo"
+
+    @property
+    def reward_weights(self) -> dict[str, float]:
+        return reward_weights(self.reward)
+
+    @property
+    def uses_reward_model(self) -> bool:
+        return self.online and "rm" in self.reward_weights
 
 
 @dataclass(frozen=True)
@@ -287,6 +357,23 @@ class EvaluateParams:
     win_rate_confidence: float = _f(0.95, "confidence of the win-rate's Wilson interval", "must lie in (0, 1)", _fraction)
     batch_size: int = _f(32, "sequences per forward pass or generate call", "must be >= 1", _positive)
     seed: int = _f(0, "seed of every sampled response")
+    judges: list[str] = _f(("verifier", "ai"), "independent judges of the challenger: 'verifier' (gold accuracy on the held-out verifiable tasks), 'ai' (the pairwise judge below) and/or 'human' (a blind campaign in the labeling app, the human_* settings); the proxy RM is always reported beside them", "each must be 'verifier', 'ai' or 'human'", lambda v: len(v) > 0 and set(v) <= {"verifier", "ai", "human"})
+    gate_judge: Literal["verifier", "ai", "human"] = _f("verifier", "the judge whose win-rate the promotion gate reads, one of `judges`; never the policy's own reward model. With 'human' the gate decides once people finish (`rlhf gate`)")
+    # the labeling app's own default (rlhf.labeling.cli.DEFAULT_DB), so `rlhf label serve` finds the campaign
+    human_database: str = _f("sqlite:///data/labeling/labeling.db", "the labeling app's database the human campaign goes to: a SQLite file URL or a postgresql+psycopg:// URL, the one `rlhf label serve --db` serves")
+    human_prompts: int = _f(32, "held-out prompts whose challenger-vs-opponent pair goes to people (the first of the heldout_prompts)", "must be >= 1", _positive)
+    human_annotators: int = _f(3, "distinct annotators per pair; the majority of their votes is the pair's verdict", "must be >= 3, so that one careless vote cannot decide", lambda v: v >= 3)
+    human_gold_rate: float = _f(0.1, "share of each annotator's queue spent on gold pairs (a correct and a wrong answer to a held-out verifiable task), which flags careless annotators", "must lie in (0, 0.5]", lambda v: 0 < v <= 0.5)
+    verifier_max_new_tokens: int = _f(48, "tokens of each greedy answer to a held-out verifiable task", "must be >= 1", _positive)
+    judge: Literal["transformers", "http"] = _f("transformers", "the AI judge's backend: a local causal LM, or an OpenAI-compatible server with log-probabilities (a strong model a team points at)")
+    judge_model: str = _f(EMBEDDED_POLICY, "the AI judge: a checkpoint folder, the embedded policy or a hub id; with 'http' the served model's name")
+    judge_url: str = _f("", "the judge server's base URL, e.g. http://localhost:8000/v1, for judge 'http'")
+    judge_max_chars: int = _f(1000, "characters of the prompt's end and of each reply's start the AI judge reads", "must be >= 50", lambda v: v >= 50)
+    judge_tie_margin: float = _f(0.05, "|log p(A) − log p(B)| at or below which one order's verdict is a tie", "must be >= 0", _non_negative)
+    judge_debias: bool = _f(True, "take the AI judge's median preference for the first position off both orders")
+    judge_rubric: bool = _f(False, "add prompt relevance and toxicity (collect's rubric) to the AI judge's margin")
+    rubric_relevance_weight: float = _f(8.0, "log-odds per unit of relevance difference, with judge_rubric", "must be >= 0", _non_negative)
+    rubric_toxicity_weight: float = _f(8.0, "log-odds per unit of toxicity difference, with judge_rubric", "must be >= 0", _non_negative)
 
 
 @dataclass(frozen=True)
@@ -309,11 +396,18 @@ class ServeParams:
     max_request_bytes: int = _f(65536, "largest request body accepted; a larger one gets HTTP 413", "must be >= 1024", lambda v: v >= 1024)
     max_batch_size: int = _f(8, "sequences generated together in one batch (a request with n=2 counts twice)", "must be >= 2, since one request may ask for n=2", lambda v: v >= 2)
     batch_wait_ms: float = _f(10.0, "how long the first request of a batch waits for others to join it", "must be >= 0", _non_negative)
+    key_requests_per_minute: int = _f(120, "requests one API key may make a minute, a token bucket that also lets a key send a sixth of that at once; past it HTTP 429 with Retry-After", "must be >= 1", _positive)
+    scrub_max_chars: int = _f(65536, "longest text the refeed scrubs (the scrubber is linear, ~0.2 s a megabyte); a longer prompt or comparison stays in the store and out of the refeed's snapshots, counted in refeed/too_long_*", "must be >= 1000", lambda v: v >= 1000)
 
     @property
     def max_pending(self) -> int:
         # requests queued beyond this get HTTP 503: eight full batches ahead is already a long wait
         return 8 * self.max_batch_size
+
+    @property
+    def key_burst(self) -> int:
+        # the bucket's size: ten seconds' worth of a key's requests may come at once
+        return max(1, self.key_requests_per_minute // 6)
 
 
 @dataclass(frozen=True)
@@ -324,7 +418,7 @@ class Params:
     validate: ValidateParams
     sft: SftParams
     reward_model: RewardModelParams
-    ppo: PpoParams
+    policy: PolicyParams
     evaluate: EvaluateParams
     promote: PromoteParams
     serve: ServeParams
@@ -397,7 +491,7 @@ def _build_section(cls: type, name: str, raw: Any, source: str):
 
 
 SECTIONS = {"model": ModelParams, "tasks": TasksParams, "collect": CollectParams, "validate": ValidateParams, "sft": SftParams,
-            "reward_model": RewardModelParams, "ppo": PpoParams,
+            "reward_model": RewardModelParams, "policy": PolicyParams,
             "evaluate": EvaluateParams, "promote": PromoteParams, "serve": ServeParams}
 
 

@@ -26,7 +26,8 @@ from rlhf.registry import CHALLENGER, CHAMPION
 from rlhf.stage import run_stage
 
 METRICS = "metrics/promote.json"
-GATE_FIGURES = ("win_rate_lower", "truthfulness_mc2", "toxicity_probability", "kl")
+GATE_FIGURES = ("win_rate", "win_rate_lower", "proxy_win_rate", "truthfulness_mc2", "toxicity_probability", "kl")
+AWAITING_HUMAN = "awaiting_human_evaluation"  # the rule of a version whose human campaign is still open
 
 
 @dataclass(frozen=True)
@@ -34,46 +35,83 @@ class Decision:
     promote: bool
     rule: str    # the rule that decided
     reason: str  # one sentence with the numbers
+    judge: str = "none"  # the independent judge whose figures decided ('manual' for a person's override)
 
 
-def gate_figures(evaluation: dict) -> dict:
-    """The evaluation figures the gate reads, whichever truthfulness and toxicity sets were used."""
-    def first(*keys):
-        return next((evaluation[k] for k in keys if k in evaluation), None)
-
-    return {
-        "win_rate_lower": evaluation.get("eval/win_rate_vs_champion_lower"),
-        "truthfulness_mc2": first("eval/truthfulqa_mc2", "eval/truthfulness_probe_mc2"),
-        "toxicity_probability": first("eval/realtoxicityprompts_toxicity_probability",
-                                      "eval/provocation_probe_toxicity_probability"),
-        "kl": evaluation.get("eval/kl"),
-    }
+def _first(figures: dict, *keys):
+    return next((figures[k] for k in keys if figures.get(k) is not None), None)
 
 
-def should_promote(challenger: dict, champion: dict | None, gate: PromoteParams) -> Decision:
-    """Absolute rules first (every model), then the comparison with the champion (when one exists)."""
+def policy_figures(evaluation: dict, policy: str) -> dict:
+    """A policy's figures in the evaluation (`compare/<policy>/...`), whichever truthfulness and toxicity sets ran."""
+    prefix = f"compare/{policy}/"
+    return {"truthfulness_mc2": _first(evaluation, prefix + "truthfulqa_mc2", prefix + "truthfulness_probe_mc2"),
+            "toxicity_probability": _first(evaluation, prefix + "realtoxicityprompts_toxicity_probability",
+                                           prefix + "provocation_probe_toxicity_probability"),
+            "kl": evaluation.get(prefix + "kl"), "gold_accuracy": evaluation.get(prefix + "gold_accuracy")}
+
+
+def gate_figures(evaluation: dict, opponent: str) -> dict:
+    """What the gate reads of the challenger against `opponent` ('sft' or 'champion'): the independent judge's
+    win-rate (`evaluate.gate_judge`, never the policy's reward model), the proxy RM's beside it, and the
+    challenger's absolute figures."""
+    judge = evaluation.get("eval/gate_judge", "none")
+    figures = {"judge": judge, "opponent": opponent,
+               "win_rate": evaluation.get(f"eval/{judge}/win_rate_vs_{opponent}"),
+               "win_rate_lower": evaluation.get(f"eval/{judge}/win_rate_vs_{opponent}_lower"),
+               "proxy_win_rate": evaluation.get(f"eval/proxy_rm/win_rate_vs_{opponent}"),
+               **policy_figures(evaluation, "challenger")}
+    if judge == "human" and evaluation.get("eval/human/opponent") == opponent:
+        figures["human_campaign"] = evaluation.get("eval/human/campaign")  # people may still be voting
+    return figures
+
+
+def should_promote(challenger: dict, opponent: dict, gate: PromoteParams) -> Decision:
+    """The gate. `challenger` is `gate_figures` against the opponent: SFT while there is no champion (the first
+    champion must beat SFT), else the champion; `opponent` is the opponent's `policy_figures`.
+
+    In order: the absolute limits; a human campaign people have not finished yet waits (`AWAITING_HUMAN`, decided
+    later by `rlhf.human_gate`); the evaluation must hold the judge's figures against this opponent; reward
+    hacking (the proxy RM prefers the challenger while the independent judge prefers the opponent); the judge's
+    win-rate lower bound above `min_win_rate_lower_bound`; truthfulness and toxicity no worse than the opponent's
+    by more than their margins."""
+    judge, against = challenger["judge"], challenger["opponent"]
     kl, tox = challenger.get("kl"), challenger.get("toxicity_probability")
     if kl is None or kl > gate.max_kl:
-        return Decision(False, "max_kl", f"KL to the SFT reference is {kl} nats, above the limit {gate.max_kl}.")
+        return Decision(False, "max_kl", f"KL to the SFT reference is {kl} nats, above the limit {gate.max_kl}.", judge)
     if tox is None or tox > gate.max_toxicity_probability:
         return Decision(False, "max_toxicity_probability",
-                        f"toxicity probability is {tox}, above the limit {gate.max_toxicity_probability}.")
-    if champion is None:
-        return Decision(True, "first_champion", "no champion exists and the challenger passes the absolute rules.")
-    lower = challenger.get("win_rate_lower")
-    if lower is None or lower <= gate.min_win_rate_lower_bound:
-        return Decision(False, "win_rate",
-                        f"the win-rate's lower confidence bound against the champion is {lower}, "
-                        f"not above {gate.min_win_rate_lower_bound}.")
-    mc2_drop = (champion.get("truthfulness_mc2") or 0.0) - (challenger.get("truthfulness_mc2") or 0.0)
+                        f"toxicity probability is {tox}, above the limit {gate.max_toxicity_probability}.", judge)
+    rate, lower, proxy = challenger.get("win_rate"), challenger.get("win_rate_lower"), challenger.get("proxy_win_rate")
+    if (rate is None or lower is None) and challenger.get("human_campaign"):
+        return Decision(False, AWAITING_HUMAN,
+                        f"people have not finished the human evaluation campaign '{challenger['human_campaign']}' "
+                        f"against {against}; `rlhf gate --version <this version>` (or the human-gate flow) reads "
+                        "their win-rate and decides once they have.", judge)
+    if rate is None or lower is None:
+        return Decision(False, "stale_evaluation",
+                        f"the evaluation holds no {judge} win-rate against {against}; rerun `dvc repro evaluate` "
+                        "(it compares with the registry's champion as it is when it runs).", judge)
+    if proxy is not None and proxy > 0.5 and rate < 0.5:
+        return Decision(False, "reward_hacking",
+                        f"the proxy reward model prefers the challenger to {against} (win-rate {proxy:.3f}) while the "
+                        f"independent {judge} judge prefers {against} (win-rate {rate:.3f}).", judge)
+    if lower <= gate.min_win_rate_lower_bound:
+        return Decision(False, "does_not_beat_sft" if against == "sft" else "win_rate",
+                        f"the {judge} judge's win-rate against {against} is {rate:.3f}, its lower confidence bound "
+                        f"{lower:.3f} not above {gate.min_win_rate_lower_bound}.", judge)
+    mc2_drop = (opponent.get("truthfulness_mc2") or 0.0) - (challenger.get("truthfulness_mc2") or 0.0)
     if mc2_drop > gate.max_truthfulness_drop:
-        return Decision(False, "truthfulness", f"truthfulness MC2 dropped by {mc2_drop:.4f}, more than {gate.max_truthfulness_drop}.")
-    tox_rise = tox - (champion.get("toxicity_probability") or 0.0)
+        return Decision(False, "truthfulness", f"truthfulness MC2 is {mc2_drop:.4f} below {against}'s, more than "
+                                               f"{gate.max_truthfulness_drop}.", judge)
+    tox_rise = tox - (opponent.get("toxicity_probability") or 0.0)
     if tox_rise > gate.max_toxicity_increase:
-        return Decision(False, "toxicity", f"toxicity probability rose by {tox_rise:.4f}, more than {gate.max_toxicity_increase}.")
-    return Decision(True, "beats_champion",
-                    f"win-rate lower bound {lower:.3f} > {gate.min_win_rate_lower_bound}, MC2 change {-mc2_drop:+.4f}, "
-                    f"toxicity change {tox_rise:+.4f}, KL {kl:.2f}.")
+        return Decision(False, "toxicity", f"toxicity probability is {tox_rise:.4f} above {against}'s, more than "
+                                           f"{gate.max_toxicity_increase}.", judge)
+    return Decision(True, "beats_sft" if against == "sft" else "beats_champion",
+                    f"{judge} win-rate against {against} {rate:.3f} (lower bound {lower:.3f} > "
+                    f"{gate.min_win_rate_lower_bound}; proxy RM {proxy}), MC2 change {-mc2_drop:+.4f}, toxicity change "
+                    f"{tox_rise:+.4f}, KL {kl:.2f}.", judge)
 
 
 def _champion_version(client: MlflowClient, name: str):
@@ -81,15 +119,6 @@ def _champion_version(client: MlflowClient, name: str):
         return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
-
-
-def champion_figures(client: MlflowClient, name: str) -> tuple[str | None, dict | None]:
-    """The champion's version and the gate figures recorded on it when it was registered."""
-    version = _champion_version(client, name)
-    if version is None:
-        return None, None
-    return str(version.version), {k: float(v) if v not in ("", "None") else None
-                             for k, v in version.tags.items() if k in GATE_FIGURES and v is not None}
 
 
 class CheckpointModel(mlflow.pyfunc.PythonModel):
@@ -158,7 +187,7 @@ def register_checkpoint(path: str, name: str, task: str, tags: dict) -> str:
 
 def record_decision(client: MlflowClient, name: str, version: str, decision: Decision, by: str) -> None:
     for key, value in {"gate.promote": decision.promote, "gate.rule": decision.rule,
-                       "gate.reason": decision.reason, "gate.by": by,
+                       "gate.reason": decision.reason, "gate.judge": decision.judge, "gate.by": by,
                        "gate.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}.items():
         client.set_model_version_tag(name, version, key, str(value))
     if decision.promote:
@@ -170,7 +199,7 @@ def set_champion(name: str, version: str, reason: str, by: str | None = None) ->
     tracking.use_project_store()
     client = MlflowClient()
     client.get_model_version(name, version)  # fails clearly if it does not exist
-    decision = Decision(True, "manual", reason)
+    decision = Decision(True, "manual", reason, judge="manual")
     record_decision(client, name, version, decision, by or getpass.getuser())
     return decision
 
@@ -205,28 +234,60 @@ def lineage_tags() -> dict:
     return tags
 
 
+def awaiting_tags(evaluation: dict, figures: dict, opponent_figures: dict) -> dict:
+    """What `rlhf gate` needs to decide later, when metrics/evaluate.json may hold another cycle's figures: the
+    campaign, where it lives, whom it compares with, and the gate's other inputs as they are now (`gate.input`)."""
+    return {"human.campaign": figures["human_campaign"], "human.database": evaluation.get("eval/human/database", ""),
+            "human.opponent": figures["opponent"],
+            "human.opponent_version": str(evaluation.get("eval/human/opponent_version") or ""),
+            "gate.input": json.dumps({"challenger": figures, "opponent": opponent_figures}, sort_keys=True)}
+
+
+def read_evaluation(path: str | Path) -> dict:
+    """The evaluate stage's figures (a JSON object), or a one-paragraph error naming the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no evaluation at {path}; run `dvc repro evaluate` before promoting.")
+    try:
+        evaluation = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}), so the gate has no figures to read. It is the evaluate "
+                         "stage's output: rerun `dvc repro evaluate` (or `dvc checkout` to restore the last good one).") from None
+    if not isinstance(evaluation, dict) or not evaluation:
+        raise ValueError(f"{path} holds no evaluation figures (a JSON object of metric: value is expected). Rerun "
+                         "`dvc repro evaluate`.")
+    return evaluation
+
+
 def main() -> int:
     params = load_params()
     gate = params.promote
-    evaluation = json.loads(Path(EVALUATION).read_text()) if Path(EVALUATION).exists() else {}
-    if not evaluation:
-        raise FileNotFoundError(f"no evaluation at {EVALUATION}; run `dvc repro evaluate` before promoting.")
+    evaluation = read_evaluation(EVALUATION)
     with tracking.stage_run("promote", {"promote": params.section("promote")}) as run:
         client = MlflowClient()
-        champion_version, champion = champion_figures(client, gate.model_name)
-        figures = gate_figures(evaluation)
-        tags = {**lineage_tags(), **figures, "mlflow.source_run": run.info.run_id}
+        champion = _champion_version(client, gate.model_name)
+        opponent = "sft" if champion is None else "champion"
+        figures = gate_figures(evaluation, opponent)
+        tags = {**lineage_tags(), **{k: v for k, v in figures.items() if k in GATE_FIGURES},
+                "gate.judge": figures["judge"], "gate.opponent": opponent, "mlflow.source_run": run.info.run_id}
         reward_version = register_checkpoint(REWARD_DIR, gate.reward_model_name, "text-classification", tags)
         version = register_checkpoint(POLICY_DIR, gate.model_name, "text-generation",
                                       {**tags, "reward_model.version": reward_version})
         client.set_registered_model_alias(gate.model_name, CHALLENGER, version)
-        decision = should_promote(figures, champion, gate)
+        decision = should_promote(figures, policy_figures(evaluation, opponent), gate)
         record_decision(client, gate.model_name, version, decision, by="gate")
-        mlflow.set_tags({"gate.promote": decision.promote, "gate.rule": decision.rule, "gate.reason": decision.reason})
-        tracking.write_metrics(METRICS, {"promote/promoted": int(decision.promote), "promote/version": int(version),
-                                         "promote/champion_before": int(champion_version or 0)})
+        if decision.rule == AWAITING_HUMAN:
+            for key, value in awaiting_tags(evaluation, figures, policy_figures(evaluation, opponent)).items():
+                client.set_model_version_tag(gate.model_name, version, key, value)
+        mlflow.set_tags({"gate.promote": decision.promote, "gate.rule": decision.rule, "gate.reason": decision.reason,
+                         "gate.judge": decision.judge, "gate.opponent": opponent})
+        tracking.write_metrics(METRICS, {
+            "promote/promoted": int(decision.promote), "promote/version": int(version),
+            "promote/champion_before": int(champion.version) if champion is not None else 0,
+            "promote/judge_win_rate": figures["win_rate"], "promote/judge_win_rate_lower": figures["win_rate_lower"],
+            "promote/rule": decision.rule, "promote/judge": decision.judge, "promote/opponent": opponent})
     print(f"promote: {gate.model_name} v{version} {'is the new champion' if decision.promote else 'stays challenger'} "
-          f"({decision.rule}: {decision.reason})")
+          f"against {opponent}, judged by {decision.judge} ({decision.rule}: {decision.reason})")
     return 0
 
 

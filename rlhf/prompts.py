@@ -33,7 +33,7 @@ def load_train_prompts(source: str) -> list[str]:
     path = Path(source)
     if not path.exists() or path.suffix not in (".jsonl", ".parquet"):
         raise ParamError(
-            f"params.yaml: ppo.prompts is '{source}', which is neither '{EMBEDDED_PROMPTS}', 'comparisons' nor an existing "
+            f"params.yaml: policy.prompts is '{source}', which is neither '{EMBEDDED_PROMPTS}', 'comparisons' nor an existing "
             ".jsonl/.parquet file. Use '{EMBEDDED_PROMPTS}' (the project's prompt pool), 'comparisons' (the prompts of the "
             "comparisons' train split) or a file with a `prompt` column."
         )

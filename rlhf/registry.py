@@ -24,3 +24,14 @@ def champion_checkpoint(name: str, alias: str = CHAMPION) -> Path:
     """The checkpoint of `models:/<name>@<alias>` in the project's tracking store."""
     tracking.use_project_store()
     return download_checkpoint(f"models:/{name}@{alias}")
+
+
+def champion_version(name: str) -> str | None:
+    """The registry version behind `models:/<name>@champion`, or None before any champion (the first cycle)."""
+    from mlflow.exceptions import MlflowException
+
+    tracking.use_project_store()
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        return None

@@ -39,6 +39,7 @@ from rlhf.params import ParamError, RewardModelParams, load_params
 from rlhf.paths import REWARD_DIR as OUT_DIR, SFT_DIR, TRAIN_COMPARISONS, VAL_COMPARISONS
 from rlhf.rewards import NORMALIZATION_KEY, TokenScorer, pad_right, reward_at_last_token, rewards
 from rlhf.stage import log_step, run_stage
+from rlhf.stats import wilson_interval
 
 METRICS = "metrics/reward_model.json"
 PLOT = "plots/reward_model.csv"
@@ -161,6 +162,22 @@ def pair_summary(scored: torch.Tensor) -> dict:
     return {"loss": float(preference_loss(scored[:, 0], scored[:, 1])), "accuracy": float((margin > 0).float().mean()),
             "margin_mean": float(margin.mean()), "margin_std": float(margin.std()) if len(margin) > 1 else 0.0,
             "margin_p10": q[0], "margin_p50": q[1], "margin_p90": q[2]}
+
+
+def longer_reply_wins(pair: Pair) -> float:
+    # the "longer reply wins" baseline: 1 when the chosen reply is longer (in characters), ½ when equally long
+    return 1.0 if len(pair.chosen) > len(pair.rejected) else 0.5 if len(pair.chosen) == len(pair.rejected) else 0.0
+
+
+def heldout_quality(accuracy: float, pairs: list[Pair], confidence: float) -> dict:
+    """Held-out pairwise accuracy with its Wilson interval, and the length baseline on the same pairs: an RM no
+    better than "longer reply wins" has learned length, and one whose lower bound is not above 0.5 nothing the
+    policy stage should optimise (it refuses to train on it unless told to)."""
+    n = len(pairs)
+    lower, upper = wilson_interval(accuracy * n, n, confidence)
+    return {"rm/heldout_pairs": n, "rm/heldout_accuracy": round(accuracy, 4), "rm/heldout_accuracy_lower": round(lower, 4),
+            "rm/heldout_accuracy_upper": round(upper, 4),
+            "rm/length_baseline_accuracy": round(sum(longer_reply_wins(p) for p in pairs) / n, 4)}
 
 
 def check_sizes(params: RewardModelParams, n_train: int, n_val: int, where: str) -> None:
@@ -292,6 +309,7 @@ def train(params: RewardModelParams, sft_dir: str, precision: str, train_pairs: 
         "rm/reward_mean": round(reward_mean, 5),
         "rm/reward_std": round(reward_std, 5),
         **{f"rm/val_{k}": round(v, 5) for k, v in val.items() if k.startswith("margin")},
+        **heldout_quality(val["accuracy"], val_pairs, params.quality_confidence),
         "perf/train_tokens_per_s": round(tokens_seen / max(train_seconds, 1e-9), 1),
         "perf/train_seconds": round(train_seconds, 1),
     }

@@ -120,7 +120,7 @@ def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """One token per row of logits (B, V) from softmax(logits / τ).
+    """One token per row of logits (B, V) from softmax(logits / τ); τ = 0 takes the most likely token.
 
     The full distribution: the CDF inverted at a uniform draw, one random number a row (torch.multinomial draws
     V exponentials a row, 6 ms a step at batch 8); the CDF is summed in fp64, so each token's chance is its
@@ -129,6 +129,8 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
     `generate` applies them, so a seed samples the same text as `model.generate(do_sample=True, ...)`.
     """
     logits = logits.float()
+    if temperature == 0:  # greedy
+        return logits.argmax(dim=-1)
     if temperature != 1.0:
         logits = logits / temperature
     if not top_k and top_p >= 1.0:

@@ -56,3 +56,12 @@ def paired_difference_interval(after: Sequence[float], before: Sequence[float],
     sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1))
     half = normal_quantile(confidence) * sd / math.sqrt(n)
     return mean, mean - half, mean + half
+
+
+def win_rate_figures(outcomes: Sequence[str], confidence: float) -> dict:
+    """Win-rate with ties counted half, (wins + ½·ties)/n, and its Wilson interval; the counts beside it."""
+    wins, ties = outcomes.count("win"), outcomes.count("tie")
+    rate = (wins + 0.5 * ties) / len(outcomes)
+    lower, upper = wilson_interval(wins + 0.5 * ties, len(outcomes), confidence)
+    return {"win_rate": round(rate, 4), "win_rate_lower": round(lower, 4), "win_rate_upper": round(upper, 4),
+            "wins": wins, "ties": ties, "losses": outcomes.count("loss"), "n": len(outcomes)}

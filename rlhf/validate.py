@@ -75,7 +75,14 @@ def read_collected(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no comparisons at {path}. Run `dvc repro collect` first.")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise DatasetRejected(
+            f"{path} is not a readable Parquet file ({str(error).splitlines()[0]}). It is collect's output: rerun "
+            "`dvc repro collect` (or `dvc checkout` to restore the last good one), or replace it with a Parquet file in "
+            "the comparison schema (rlhf/comparisons.py)."
+        ) from None
     utf8_valid = np.ones(table.num_rows, dtype=bool)
     columns = []
     for name, column in zip(table.column_names, table.columns):

@@ -81,16 +81,21 @@ TINY_PARAMS = {
     "sft": {"epochs": 1, "batch_size": 4, "grad_accum_steps": 1, "max_seq_len": 128, "eval_every": 2,
             "learning_rate": 0.003, "lora_r": 0, "val_fraction": 0.1},
     "reward_model": {"batch_size": 2, "max_seq_len": 64, "eval_every": 2, "learning_rate": 0.003, "lora_r": 0},
-    "ppo": {"iterations": 2, "batch_size": 2, "minibatch_size": 1, "ppo_epochs": 1, "max_new_tokens": 6,
-            "max_prompt_len": 64, "checkpoint_every": 1, "eval_responses": 2, "lora_r": 4, "lora_alpha": 8},
+    "policy": {"iterations": 2, "batch_size": 2, "minibatch_size": 1, "update_epochs": 1, "max_new_tokens": 6,
+               "max_prompt_len": 64, "checkpoint_every": 1, "eval_responses": 2, "lora_r": 4, "lora_alpha": 8,
+               "task_prompts": 4, "gold_tasks": 2, "allow_weak_reward_model": True},  # a random tiny RM is at chance
     "collect": {"sources": ["policy", "import"], "num_prompts": 4, "max_new_tokens": 6, "batch_size": 4,
-                "judge_max_chars": 200, "import_format": "pairs"},
+                "judge_max_chars": 200, "import_format": "pairs", "verifiable_prompts": 4, "policy": "champion"},
     "validate": {"max_tokens": 256, "val_fraction": 0.25, "test_fraction": 0.25},
     "evaluate": {"heldout_prompts": 2, "max_new_tokens": 6, "max_prompt_len": 64, "batch_size": 2,
-                 "toxicity_prompt_count": 3, "toxicity_k": 2, "toxicity_max_new_tokens": 4},
+                 "toxicity_prompt_count": 3, "toxicity_k": 2, "toxicity_max_new_tokens": 4,
+                 "verifier_max_new_tokens": 4, "judge_max_chars": 200},
+    "tasks": {"heldout_size": 4},
+    # a random tiny policy answers no task right: every verifier verdict is a tie (win-rate 0.5), so the gate
+    # here promotes any challenger that does not lose; the real default demands a lower bound above 0.5
     "promote": {"model_name": "tiny-policy", "reward_model_name": "tiny-reward", "max_kl": 1000.0,
-                "max_toxicity_probability": 1.0},
-    "serve": {"database": "sqlite:///data/feedback/feedback.db"},  # the refeed stage's DVC param
+                "max_toxicity_probability": 1.0, "min_win_rate_lower_bound": 0.0},
+    "serve": {"database": "sqlite:///data/feedback/feedback.db", "scrub_max_chars": 65536},  # the refeed stage's DVC params
 }
 
 # Imported (prompt, chosen, rejected) pairs for the tiny pipeline: with validate's seed 0 and fractions
@@ -157,7 +162,8 @@ def make_tiny_project(project: Path, tiny_model_dir: Path) -> Path:
     pairs = project / "tiny_pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": q, "chosen": c, "rejected": r}) + "\n" for q, c, r in TINY_PAIRS))
     write_params(project, {"model": {"policy": str(tiny_model_dir)}, "sft": {"data": demos.name},
-                           "collect": {"judge_model": str(tiny_model_dir), "import_data": pairs.name}})
+                           "collect": {"judge_model": str(tiny_model_dir), "import_data": pairs.name},
+                           "evaluate": {"judge_model": str(tiny_model_dir)}})
     if "validate" not in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]:
         write_tiny_comparisons(project)  # until a stage of the pipeline writes them (issue 4)
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",

@@ -274,3 +274,58 @@ def test_generic_pairs_import_with_a_field_mapping(tmp_path):
     assert counts["collect/imported"] == 12 and counts["collect/import_quarantined/invalid_utf8"] == 1
     assert quarantine[["file", "line", "reason", "raw_encoding"]].values.tolist() == [
         [str(tmp_path / "broken.jsonl"), 1, "invalid_utf8", "base64"]]
+
+
+def test_verifiable_prompts_join_the_pool_and_the_verifier_judges_their_pairs(tmp_path, monkeypatch, tiny_model_dir):
+    import yaml
+
+    from rlhf import collect
+    from rlhf.params import load_params
+    from rlhf.verifiers import is_correct, task_prompt, train_tasks
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "model": {"precision": "fp32"},  # judge_model is then not model.policy, so it loads from its own folder
+        "collect": {"sources": ["policy"], "num_prompts": 2, "verifiable_prompts": 3, "policy": str(tiny_model_dir),
+                    "judge_model": str(tiny_model_dir), "judge_rubric": False, "max_new_tokens": 4}}))
+    params = load_params(tmp_path / "params.yaml")
+    tasks = {task_prompt(t, params.tasks.instruction): t for t in train_tasks(params.tasks, 3)}
+
+    def scripted_pairs(model, tokenizer, prompts, p):  # a right and a wrong answer to each task, in turn
+        triples = []
+        for i, prompt in enumerate(prompts):
+            if prompt in tasks:
+                right, wrong = tasks[prompt].answer, str(int(tasks[prompt].answer) + 1)
+                triples.append((prompt, right, wrong) if i % 2 else (prompt, wrong, right))
+            else:
+                triples.append((prompt, "one reply", "another reply"))
+        return triples, {}
+
+    monkeypatch.setattr(collect, "sample_pairs", scripted_pairs)
+    rows, judged, metrics = collect.policy_comparisons(params, pd.Timestamp("2026-01-01", tz="UTC"))
+    verified = rows[rows["source"] == "judge:verifier"]
+    assert len(rows) == 5 and len(verified) == 3 and set(verified["prompt"]) == set(tasks)
+    for _, row in verified.iterrows():  # the verifier picked the correct answer every time
+        winner = row["response_a"] if row["chosen"] == "a" else row["response_b"]
+        assert is_correct(tasks[row["prompt"]], winner)
+    assert metrics["verifier/decisive"] == 3 and metrics["collect/verifiable_pairs"] == 3
+    assert list(judged["pair_id"]) == list(rows["pair_id"])
+    assert set(judged.loc[judged["judge"] == "verifier", "outcome"]) == {"consistent"}
+    assert metrics["collect/policy_version"].startswith(tiny_model_dir.name)
+
+
+def test_collect_samples_from_the_champion_the_refeed_stage_found(tmp_path, monkeypatch):
+    from rlhf import collect
+
+    monkeypatch.chdir(tmp_path)
+    p = CollectParams(policy="champion")
+    monkeypatch.setattr(collect, "policy_version", lambda folder: f"{folder}@hash")
+    with pytest.raises(ParamError, match="collect.policy is 'champion', but data/feedback/sampling_policy.json is missing"):
+        collect.sampling_policy(p)
+    (tmp_path / "data" / "feedback").mkdir(parents=True)
+    snapshot = tmp_path / "data" / "feedback" / "sampling_policy.json"
+    snapshot.write_text(json.dumps({"collect.policy": "champion", "model_name": "rlhf-policy", "version": None}))
+    assert collect.sampling_policy(p) == ("models/base", "models/base@hash")  # the first cycle
+    snapshot.write_text(json.dumps({"collect.policy": "champion", "model_name": "rlhf-policy", "version": "3"}))
+    monkeypatch.setattr(collect, "download_checkpoint", lambda uri: tmp_path / uri.replace(":/", "-").replace("/", "-"))
+    assert collect.sampling_policy(p) == (str(tmp_path / "models-rlhf-policy-3"), "rlhf-policy/3")
+    assert collect.sampling_policy(CollectParams(policy="models/other")) == ("models/other", "models/other@hash")

@@ -1,14 +1,15 @@
 """Data parallelism: two processes (gloo on CPU) take the same optimiser steps as one.
 
-tests/distributed_driver.py runs a few steps of the SFT, reward-model and PPO stages' own `train()` twice, with
+tests/distributed_driver.py runs a few steps of the SFT and reward-model stages' own `train()`, and of the policy
+stage's for each online algorithm (ppo, grpo, rloo, reinforce_pp), twice, with
 the same params, so the same global batch: once as one plain process, once under
 `accelerate launch --multi_gpu --num_processes 2` with ACCELERATE_USE_CPU=1 (gloo; `accelerate launch --cpu`
 starts a single process, whatever --num_processes says). In SFT and the reward model each process takes its
-share of every micro-batch; PPO samples and updates on the whole batch in every process.
+share of every micro-batch; the policy stage samples and updates on the whole batch in every process.
 
 Tolerance. Everything is fp32 without dropout, so the runs differ only in the order of float sums (the batch
 split over processes, narrower padding, gloo's all-reduce): about 1e-7 relative per operation, which a few steps
-leave near 1e-7 (measured: at most 2e-7). Logged values (losses, accuracy, RM grad norm, every PPO term) must
+leave near 1e-7 (measured: at most 2e-7). Logged values (losses, accuracy, RM grad norm, every policy term) must
 agree to LOSS_RTOL = 1e-5. Final weights must agree to WEIGHT_ATOL = 5e-5 absolute (measured: at most 3.4e-6, SFT):
 AdamW moves every weight by about the learning rate (3e-3) per step whatever its gradient's size, so a weight whose
 gradient is at rounding level may differ by a sizeable fraction of that. Errors of the kind this test is for,
@@ -64,7 +65,7 @@ def runs(tmp_path_factory, tiny_model_dir) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     root = tmp_path_factory.mktemp("distributed")
-    reward_dir = root / "reward"  # a fixed reward model, so both PPO runs score with the same one
+    reward_dir = root / "reward"  # a fixed reward model, so both policy runs score with the same one
     torch.manual_seed(0)
     rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
     rm.config.reward_normalization = {"mean": 0.0, "std": 1.0, "responses": 2}
@@ -85,6 +86,7 @@ def _result(runs: dict, processes: int, stage: str) -> dict:
 
 def _compare(runs: dict, stage: str) -> None:
     one, two = _result(runs, 1, stage)["rows"], _result(runs, 2, stage)["rows"]
+    assert one, f"{stage}: no logged rows were caught, so the losses were not compared"
     assert [r["step"] for r in one] == [r["step"] for r in two]
     worst = 0.0
     for a, b in zip(one, two):
@@ -119,5 +121,6 @@ def test_reward_model_two_processes_match_one(runs):
     _compare(runs, "reward_model")
 
 
-def test_ppo_two_processes_match_one(runs):
-    _compare(runs, "ppo")
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "rloo", "reinforce_pp"])
+def test_policy_two_processes_match_one(runs, algorithm):
+    _compare(runs, algorithm)

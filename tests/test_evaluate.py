@@ -16,7 +16,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from rlhf.evaluate import binomial_confidence_interval, win_rate
+from rlhf.evaluate import outcome_of_correctness, outcome_of_scores, outcome_of_verdict
+from rlhf.stats import win_rate_figures, wilson_interval
 from rlhf.toxicity import (expected_maximum_toxicity, load_toxicity_classifier, load_toxicity_prompts,
                            sample_continuations, score_toxicity, toxicity_probability)
 from rlhf.truthfulqa import (
@@ -311,20 +312,51 @@ def test_hub_classifier_that_cannot_be_loaded_says_how_to_fix_it(tmp_path):
 # ------------------------------------------------------------------ win-rate, interval, KL
 
 
-def test_win_rate_counts_ties_as_half():
+def test_win_rate_counts_ties_as_half_with_its_wilson_interval():
     # wins: 3>1, 1<2 loses, 2=2 half, 2>0 -> 2.5 of 4
-    assert win_rate([3.0, 1.0, 2.0, 2.0], [1.0, 2.0, 2.0, 0.0]) == 0.625
-    with pytest.raises(ValueError, match="same non-empty list"):
-        win_rate([1.0], [1.0, 2.0])
+    outcomes = [outcome_of_scores(c, o) for c, o in zip([3.0, 1.0, 2.0, 2.0], [1.0, 2.0, 2.0, 0.0])]
+    figures = win_rate_figures(outcomes, 0.95)
+    assert figures["win_rate"] == 0.625 and (figures["wins"], figures["ties"], figures["losses"]) == (2, 1, 1)
+    assert (figures["win_rate_lower"], figures["win_rate_upper"]) == tuple(round(v, 4) for v in wilson_interval(2.5, 4))
+    # the verifier as a pairwise judge: right beats wrong, same correctness is a tie
+    assert [outcome_of_correctness(c, o) for c, o in ((True, False), (False, True), (True, True), (False, False))] == \
+        ["win", "loss", "tie", "tie"]
+    # an AI judge's inconsistent pair (no label) is a tie, never a win
+    assert [outcome_of_verdict(v) for v in ("a", "b", "tie", None)] == ["win", "loss", "tie", "tie"]
 
 
 def test_wilson_interval_matches_known_values():
     # 8 of 10 at 95%: the textbook Wilson interval is (0.4902, 0.9433)
-    low, high = binomial_confidence_interval(8, 10, 0.95)
+    low, high = wilson_interval(8, 10, 0.95)
     assert (low, high) == (pytest.approx(0.49016, abs=1e-4), pytest.approx(0.94332, abs=1e-4))
     # 0 of 10 still has a positive upper bound (z²/(n+z²) = 3.8415/13.8415)
-    assert binomial_confidence_interval(0, 10, 0.95) == (pytest.approx(0.0, abs=1e-12), pytest.approx(0.27753, abs=1e-4))
+    assert wilson_interval(0, 10, 0.95) == (pytest.approx(0.0, abs=1e-12), pytest.approx(0.27753, abs=1e-4))
     # half wins are allowed and the interval is symmetric about 0.5
-    low, high = binomial_confidence_interval(5.5, 11, 0.9)
+    low, high = wilson_interval(5.5, 11, 0.9)
     assert low + high == pytest.approx(1.0)
-    assert binomial_confidence_interval(50, 100)[0] > binomial_confidence_interval(5, 10)[0]
+    assert wilson_interval(50, 100)[0] > wilson_interval(5, 10)[0]
+
+
+def test_the_report_opens_with_each_judges_verdict_and_draws_gold_and_proxy_against_kl(tmp_path):
+    import pandas as pd
+
+    from rlhf.evaluate import overoptimisation_figure, verdict_lines
+
+    metrics = {"eval/gate_judge": "verifier", "eval/heldout_tasks": 200, "eval/gold_accuracy": 0.4,
+               "eval/gold_accuracy_lower": 0.33, "eval/gold_accuracy_upper": 0.47,
+               "eval/verifier/accuracy_gain_vs_sft": 0.15, "eval/verifier/accuracy_gain_vs_sft_lower": 0.08,
+               "eval/verifier/accuracy_gain_vs_sft_upper": 0.22}
+    for judge, rate in (("verifier", 0.6), ("ai", 0.5), ("proxy_rm", 0.8)):
+        metrics.update({f"eval/{judge}/win_rate_vs_sft": rate, f"eval/{judge}/win_rate_vs_sft_lower": rate - 0.05,
+                        f"eval/{judge}/win_rate_vs_sft_upper": rate + 0.05, f"eval/{judge}/wins_vs_sft": 50,
+                        f"eval/{judge}/ties_vs_sft": 120, f"eval/{judge}/losses_vs_sft": 30,
+                        f"eval/{judge}/n_vs_sft": 200})
+    text = "\n".join(verdict_lines(metrics))
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "vs sft" not in line]
+    assert rows[0].startswith("| **verifier** (the gate's judge) | 0.600 [0.550, 0.650] (50/120/30)")
+    assert rows[-1].startswith("| proxy RM (the policy's own reward; never gates) | 0.800")
+    assert "gain over sft +0.150 [+0.080, +0.220]" in text
+    curve = pd.DataFrame({"iteration": [0, 5, 10, 15], "heldout/kl": [0.0, None, 1.5, 3.0],
+                          "heldout/gold_accuracy": [0.2, None, 0.3, 0.25], "heldout/rm_score": [0.0, None, 0.5, 0.9]})
+    assert overoptimisation_figure(curve, tmp_path / "o.png") and (tmp_path / "o.png").stat().st_size > 1000
+    assert not overoptimisation_figure(curve.drop(columns=["heldout/kl"]), tmp_path / "none.png")

@@ -30,6 +30,8 @@ def cycle(tmp_path_factory, tiny_model_dir):
     project = make_tiny_project(tmp_path_factory.mktemp("cycle") / "project", tiny_model_dir)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["collect"]["sources"].append("feedback")  # as params.yaml's default: no server has run, nothing to add
+    # sampling from models/base, not the champion: the cycle promotes one, and a new champion rightly reruns collect
+    params["collect"]["policy"] = "models/base"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(project)
@@ -49,7 +51,9 @@ def test_the_flow_runs_every_stage_once(cycle):
     assert metrics["sft/val_loss_after"] < metrics["sft/val_loss_before"]
     # a fresh machine: no feedback store yet, so the refeed writes empty snapshots and collect adds nothing from them
     assert result["metrics"]["refeed"] == {"refeed/store_found": 0, "refeed/served_prompts": 0,
-                                           "refeed/prompts_with_pii": 0, "refeed/feedback_comparisons": 0}
+                                           "refeed/prompts_with_pii": 0, "refeed/feedback_comparisons": 0,
+                                           "refeed/too_long_prompts": 0, "refeed/too_long_comparisons": 0,
+                                           "refeed/champion_version": 0}
     assert result["metrics"]["collect"]["collect/feedback_comparisons"] == 0
     assert result["metrics"]["collect"]["collect/served_prompts"] == 0
     assert not (project / "data/feedback/feedback.db").exists()

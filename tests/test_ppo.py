@@ -1,4 +1,5 @@
-"""PPO: each equation against hand-computed values, rollouts on a tiny model, stability, and exact resume."""
+"""PPO (the policy stage with `algorithm: ppo`): each equation against hand-computed values, rollouts on a tiny model,
+stability, and exact resume."""
 from __future__ import annotations
 
 import math
@@ -9,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from rlhf import ppo, prompts, rollouts
+from rlhf import policy, prompts, reward_sources, rollouts
 from rlhf.chat import prompt_ids, reply_suffix
-from rlhf.params import ParamError, PpoParams, load_params
+from rlhf.params import ParamError, PolicyParams, load_params
 from rlhf.ppo import (adaptive_kl_coef, approx_kl, clip_fraction, clipped_policy_loss, explained_variance, gae, kl_penalty,
                       masked_mean, token_rewards, value_loss, whiten)
 from rlhf.rewards import NORMALIZATION_KEY
@@ -32,7 +33,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-TINY = dict(iterations=6, batch_size=4, minibatch_size=2, ppo_epochs=2, max_new_tokens=6, max_prompt_len=64,
+TINY = dict(iterations=6, batch_size=4, minibatch_size=2, update_epochs=2, max_new_tokens=6, max_prompt_len=64,
             checkpoint_every=2, eval_responses=3, learning_rate=1e-2, lora_r=4, lora_alpha=8, seed=3)
 
 
@@ -285,8 +286,8 @@ def tiny_reward_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def run_ppo(tmp_path: Path, sft_dir, reward_dir, name: str, **overrides) -> dict:
-    params = PpoParams(**{**TINY, **overrides})
-    return ppo.train(params, "fp32", sft_dir, reward_dir, PROMPTS, PROMPTS[:2], tmp_path / name / "out",
+    params = PolicyParams(**{**TINY, **overrides})
+    return policy.train(params, "fp32", sft_dir, reward_dir, PROMPTS, PROMPTS[:2], tmp_path / name / "out",
                      tmp_path / name / "checkpoints", run_fingerprint="tiny")
 
 
@@ -294,18 +295,18 @@ def test_reference_is_the_sft_model_while_the_policy_moves(tiny_model_dir, tiny_
     from rlhf.models import load_causal_lm
 
     result = run_ppo(tmp_path, tiny_model_dir, tiny_reward_dir, "run", iterations=2)
-    assert result["metrics"]["ppo/heldout_kl_per_response"] != 0  # the policy moved away from the reference
+    assert result["metrics"]["policy/heldout_kl_per_response"] != 0  # the policy moved away from the reference
     # the two held-out prompts are taken in turn until eval_responses
-    assert result["metrics"]["ppo/heldout_prompts"] == 2 and result["metrics"]["ppo/heldout_responses"] == 3
+    assert result["metrics"]["policy/heldout_prompts"] == 2 and result["metrics"]["policy/heldout_responses"] == 3
     trained = load_causal_lm(tmp_path / "run" / "out")
     sft = load_causal_lm(tiny_model_dir)
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), sft.parameters()))
     # LoRA: the reference is the policy with its adapter off, so it must equal the untouched SFT model
-    params = PpoParams(**TINY)
-    policy, reference = ppo.build_policy(str(tiny_model_dir), torch.float32, params)
+    params = PolicyParams(**TINY)
+    model, reference = policy.build_policy(str(tiny_model_dir), torch.float32, params)
     assert reference is None
     with torch.no_grad():
-        for p in policy.parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.5)
         query, query_mask = pad_left([prompt_ids(tokenizer, p, 64) for p in PROMPTS], tokenizer.pad_token_id)
@@ -313,9 +314,9 @@ def test_reference_is_the_sft_model_while_the_policy_moves(tiny_model_dir, tiny_
         mask = torch.ones_like(responses)
         from accelerate import Accelerator
 
-        logp_ref = ppo.reference_logprobs(Accelerator(cpu=True), policy, None, query, query_mask, responses, mask, 1.0)
+        logp_ref = policy.reference_logprobs(Accelerator(cpu=True), model, None, query, query_mask, responses, mask, 1.0)
         logp_sft = policy_forward(sft, query, query_mask, responses, mask, 1.0)[0]
-        logp_policy = policy_forward(policy, query, query_mask, responses, mask, 1.0)[0]
+        logp_policy = policy_forward(model, query, query_mask, responses, mask, 1.0)[0]
     torch.testing.assert_close(logp_ref, logp_sft)
     assert not torch.allclose(logp_policy, logp_sft)
 
@@ -324,9 +325,9 @@ def test_no_nan_or_inf_in_100_iterations_under_random_rewards(tiny_model_dir, ti
     def random_scores(reward_model, query, *args, **kwargs):
         return torch.randn(query.size(0)) * 10
 
-    monkeypatch.setattr(ppo, "score_responses", random_scores)
+    monkeypatch.setattr(reward_sources, "score_responses", random_scores)
     result = run_ppo(tmp_path, tiny_model_dir, tiny_reward_dir, "long", iterations=100, batch_size=2, minibatch_size=1,
-                     ppo_epochs=1, max_new_tokens=4, checkpoint_every=50, lora_r=0, learning_rate=1e-3,
+                     update_epochs=1, max_new_tokens=4, checkpoint_every=50, lora_r=0, learning_rate=1e-3,
                      entropy_coef=0.01)
     assert len(result["curve"]) == 100
     for row in result["curve"]:
@@ -343,23 +344,23 @@ def test_killed_and_restarted_run_ends_with_the_same_weights(tiny_model_dir, tin
                                                               lora_r, value_model):
     whole = run_ppo(tmp_path, tiny_model_dir, tiny_reward_dir, "whole", lora_r=lora_r, value_model=value_model)
 
-    real_sample = ppo.sample_responses
+    real_sample = policy.sample_responses
     calls = {"n": 0}
 
     def killed_at_iteration_4(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:  # iteration 3 finished after the checkpoint of iteration 2, and was lost
+        if calls["n"] == 4:  # the held-out point 0, iterations 1 and 2 (checkpointed), then iteration 3: lost
             raise KeyboardInterrupt
         return real_sample(*args, **kwargs)
 
-    monkeypatch.setattr(ppo, "sample_responses", killed_at_iteration_4)
+    monkeypatch.setattr(policy, "sample_responses", killed_at_iteration_4)
     with pytest.raises(KeyboardInterrupt):
         run_ppo(tmp_path, tiny_model_dir, tiny_reward_dir, "killed", lora_r=lora_r, value_model=value_model)
     assert [p.name for p in (tmp_path / "killed" / "checkpoints").glob("*.pt")] == ["iter-000002.pt"]
-    monkeypatch.setattr(ppo, "sample_responses", real_sample)
+    monkeypatch.setattr(policy, "sample_responses", real_sample)
     resumed = run_ppo(tmp_path, tiny_model_dir, tiny_reward_dir, "killed", lora_r=lora_r, value_model=value_model)
 
-    assert resumed["metrics"]["ppo/resumed_from"] == 2
+    assert resumed["metrics"]["policy/resumed_from"] == 2
     assert resumed["curve"][-1]["objective/kl"] == whole["curve"][-1]["objective/kl"]
     a = load_file(tmp_path / "whole" / "out" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "out" / "model.safetensors")
@@ -372,10 +373,10 @@ def test_killed_and_restarted_run_ends_with_the_same_weights(tiny_model_dir, tin
 
 def test_a_checkpoint_from_other_params_is_not_resumed(tiny_model_dir, tiny_reward_dir, tmp_path, capsys):
     run_ppo(tmp_path, tiny_model_dir, tiny_reward_dir, "run", iterations=2)
-    params = PpoParams(**{**TINY, "iterations": 2})
-    result = ppo.train(params, "fp32", tiny_model_dir, tiny_reward_dir, PROMPTS, PROMPTS[:2], tmp_path / "out2",
+    params = PolicyParams(**{**TINY, "iterations": 2})
+    result = policy.train(params, "fp32", tiny_model_dir, tiny_reward_dir, PROMPTS, PROMPTS[:2], tmp_path / "out2",
                        tmp_path / "run" / "checkpoints", run_fingerprint="other")
-    assert result["metrics"]["ppo/resumed_from"] == 0
+    assert result["metrics"]["policy/resumed_from"] == 0
     assert "made with other params or inputs; starting from scratch" in capsys.readouterr().out
 
 
@@ -384,23 +385,24 @@ def test_a_checkpoint_from_other_params_is_not_resumed(tiny_model_dir, tiny_rewa
 # ------------------------------------------------------------------------------------------------
 
 def test_minibatch_must_divide_the_batch():
-    with pytest.raises(ParamError, match=r"ppo.minibatch_size is 3, which does not divide ppo.batch_size \(8\)"):
-        ppo.check_sizes(PpoParams(batch_size=8, minibatch_size=3), 100, 10)
-    with pytest.raises(ParamError, match=r"ppo.batch_size is 8, larger than the 5 distinct training prompts"):
-        ppo.check_sizes(PpoParams(batch_size=8, minibatch_size=4), 5, 10)
+    with pytest.raises(ParamError, match=r"policy.minibatch_size is 3, which does not divide policy.batch_size \(8\)"):
+        policy.check_sizes(PolicyParams(batch_size=8, minibatch_size=3), 100, 10)
+    with pytest.raises(ParamError, match=r"policy.batch_size 8 with group_size 1 takes 8 prompts an iteration, more than "
+                                         r"the 5 distinct training prompts"):
+        policy.check_sizes(PolicyParams(batch_size=8, minibatch_size=4), 5, 10)
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("kl_coef", -0.1, r"`ppo.kl_coef` is -0.1\. .* must be >= 0"),
-    ("clip_eps", 1.5, r"`ppo.clip_eps` is 1.5\. It is ε bounding the policy ratio .* must lie in \(0, 1\)"),
-    ("gamma", 0.0, r"`ppo.gamma` is 0.0\. .* must lie in \(0, 1\]"),
-    ("value_model", "critic", r"`ppo.value_model` is 'critic' .* one of 'head', 'reward_model'"),
+    ("kl_coef", -0.1, r"`policy.kl_coef` is -0.1\. .* must be >= 0"),
+    ("clip_eps", 1.5, r"`policy.clip_eps` is 1.5\. It is ε bounding the policy ratio .* must lie in \(0, 1\)"),
+    ("gamma", 0.0, r"`policy.gamma` is 0.0\. .* must lie in \(0, 1\]"),
+    ("value_model", "critic", r"`policy.value_model` is 'critic' .* one of 'head', 'reward_model'"),
 ])
 def test_out_of_range_ppo_params_are_refused(tmp_path, key, value, message):
     import yaml
 
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"ppo": {key: value}}))
+    path.write_text(yaml.safe_dump({"policy": {key: value}}))
     with pytest.raises(ParamError, match=message):
         load_params(path)
 
@@ -428,48 +430,48 @@ def test_training_prompts_from_a_file_never_include_a_test_prompt(tmp_path, monk
     source.write_text('{"prompt": "p0"}\n{"prompt": "p1"}\n{"prompt": "p3"}\n{"prompt": "p0"}\n{"prompt": " "}\n')
     train_prompts, heldout = prompts.held_out_prompts(prompts.load_train_prompts(str(source)), 10, seed=0)
     assert train_prompts == ["p0", "p3"] and sorted(heldout) == ["p1", "p2"]
-    with pytest.raises(ParamError, match=r"ppo.prompts is 'nowhere.txt', which is neither 'embedded:prompts', 'comparisons' nor"):
+    with pytest.raises(ParamError, match=r"policy.prompts is 'nowhere.txt', which is neither 'embedded:prompts', 'comparisons' nor"):
         prompts.load_train_prompts("nowhere.txt")
     pool = prompts.load_train_prompts("embedded:prompts")  # the project's pool, as collect draws from it
     assert len(pool) == len(set(pool)) > 300 and all(p.strip() for p in pool)
 
 
 def test_lora_merged_generates_with_the_policy_and_restores_the_base_weights_bit_exact(tiny_model_dir):
-    policy, _ = ppo.build_policy(str(tiny_model_dir), torch.bfloat16, PpoParams(lora_r=4, lora_alpha=8))
+    model, _ = policy.build_policy(str(tiny_model_dir), torch.bfloat16, PolicyParams(lora_r=4, lora_alpha=8))
     with torch.no_grad():  # a non-zero adapter, as after some PPO updates
-        for name, p in policy.named_parameters():
+        for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.05)
-    ids = torch.randint(0, policy.config.vocab_size, (2, 12))
-    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
-        unmerged = policy(input_ids=ids).logits.float()
-        with rollouts.lora_merged(policy):
-            merged = policy(input_ids=ids).logits.float()
-        after = policy(input_ids=ids).logits.float()
+        unmerged = model(input_ids=ids).logits.float()
+        with rollouts.lora_merged(model):
+            merged = model(input_ids=ids).logits.float()
+        after = model(input_ids=ids).logits.float()
     assert torch.allclose(merged, unmerged, atol=0.1)  # the same policy, up to bf16 rounding of W + BA
     assert not torch.equal(merged, unmerged)  # the merge really happened
     assert torch.equal(after, unmerged)
-    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_full_fine_tuning_samples_from_a_bf16_copy_refreshed_with_the_current_weights(tiny_model_dir):
-    params = PpoParams(lora_r=0)
+    params = PolicyParams(lora_r=0)
     assert rollouts.build_sampler(str(tiny_model_dir), torch.float32, uses_lora=False) is None  # fp32: the policy itself
     assert rollouts.build_sampler(str(tiny_model_dir), torch.bfloat16, uses_lora=True) is None
-    policy, _ = ppo.build_policy(str(tiny_model_dir), torch.bfloat16, params)
+    model, _ = policy.build_policy(str(tiny_model_dir), torch.bfloat16, params)
     sampler = rollouts.build_sampler(str(tiny_model_dir), torch.bfloat16, params.uses_lora)
     with torch.no_grad():  # the policy after some updates
-        for p in policy.parameters():
+        for p in model.parameters():
             p.add_(torch.randn_like(p), alpha=0.01)
-    rollouts.refreshed(sampler, policy)
-    pairs = list(zip(sampler.named_parameters(), policy.named_parameters(), strict=True))
+    rollouts.refreshed(sampler, model)
+    pairs = list(zip(sampler.named_parameters(), model.named_parameters(), strict=True))
     assert all(ns == np_ and s.dtype == torch.bfloat16 and torch.equal(s, p.to(torch.bfloat16))
                for (ns, s), (np_, p) in pairs)
     assert not any(s.requires_grad for s in sampler.parameters())
-    ids = torch.randint(0, policy.config.vocab_size, (2, 12))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = policy(input_ids=ids).logits.float()
+        expected = model(input_ids=ids).logits.float()
         got = sampler(input_ids=ids).logits.float()
     assert torch.allclose(got, expected, atol=0.1)  # the same policy, up to bf16 rounding of the residual stream
 
@@ -485,7 +487,7 @@ def fresh_accelerator_state():
 
 
 def test_a_bf16_full_fine_tuning_iteration_runs(tiny_model_dir, tiny_reward_dir, tmp_path, fresh_accelerator_state):
-    params = PpoParams(**{**TINY, "lora_r": 0, "iterations": 1, "checkpoint_every": 1})
-    result = ppo.train(params, "bf16", tiny_model_dir, tiny_reward_dir, PROMPTS, PROMPTS[:2], tmp_path / "out",
+    params = PolicyParams(**{**TINY, "lora_r": 0, "iterations": 1, "checkpoint_every": 1})
+    result = policy.train(params, "bf16", tiny_model_dir, tiny_reward_dir, PROMPTS, PROMPTS[:2], tmp_path / "out",
                        tmp_path / "checkpoints", run_fingerprint="tiny")
     assert all(math.isfinite(v) for k, v in result["curve"][-1].items() if isinstance(v, float))

@@ -161,3 +161,15 @@ def test_a_classifier_without_normalisation_is_refused(tiny_model_dir, tmp_path)
     model.save_pretrained(tmp_path / "rm")
     with pytest.raises(ParamError, match=r"has no `reward_normalization`.*dvc repro reward_model"):
         load_reward_model(tmp_path / "rm")
+
+
+def test_heldout_quality_gives_the_accuracy_interval_and_the_length_baseline_on_the_same_pairs():
+    from rlhf.reward_model import heldout_quality
+    from rlhf.stats import wilson_interval
+
+    pairs = [Pair("p", "a longer reply", "short"), Pair("p", "same", "size"), Pair("p", "tiny", "much longer reply")]
+    quality = heldout_quality(2 / 3, pairs, 0.95)
+    lower, upper = wilson_interval(2, 3, 0.95)
+    assert quality == {"rm/heldout_pairs": 3, "rm/heldout_accuracy": 0.6667, "rm/heldout_accuracy_lower": round(lower, 4),
+                       "rm/heldout_accuracy_upper": round(upper, 4),
+                       "rm/length_baseline_accuracy": 0.5}  # (1 + ½ + 0) / 3: longer, equal, shorter

@@ -101,6 +101,7 @@ def test_two_scheduled_cycles_the_second_learns_from_the_first_ones_server(tiny_
     shutil.copytree(REPO / "infra", tiny_project / "infra", ignore=shutil.ignore_patterns(".env"))
     params = yaml.safe_load((tiny_project / "params.yaml").read_text())
     params["collect"]["sources"].append("feedback")
+    params["collect"]["max_served_share"] = 1.0  # the tiny pool draws 4 prompts: let all 3 served ones in
     (tiny_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
