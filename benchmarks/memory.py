@@ -1,15 +1,17 @@
-"""Peak resident memory of the SFT and PPO stages, each in its own process.
+"""Peak resident memory of the SFT and policy (PPO) stages, each in its own process.
 
-Each case runs the stage's own `train()` (rlhf.sft.train, rlhf.ppo.train) with params.yaml's settings, cut
+Each case runs the stage's own `train()` (rlhf.sft.train, rlhf.policy.train) with params.yaml's settings, cut
 to a few steps, in a fresh subprocess writing into a temporary folder; its peak RSS is the kernel's
 high-water mark (VmHWM in /proc/self/status at the end, checked against ru_maxrss from os.wait4).
 
   floor      python + torch + transformers + peft + the rlhf stage modules imported, nothing loaded
   sft_lora   rlhf.sft.train, params.yaml's sft section (LoRA), one epoch over --sft-demos demonstrations
   sft_full   the same with sft.lora_r = 0
-  ppo_lora   rlhf.ppo.train, params.yaml's ppo section (LoRA; the reference is the adapter disabled, no
-             second copy), --ppo-iterations iterations, eval_responses = ppo.batch_size
-  ppo_full   the same with ppo.lora_r = 0 (fp32 policy, a frozen bf16 reference copy, a bf16 sampler copy)
+  ppo_lora   rlhf.policy.train, params.yaml's policy section with algorithm ppo, reward rm and group_size 1
+             (PPO against the reward model, what these cases measured before the stage had other algorithms;
+             LoRA: the reference is the adapter disabled, no second copy), the stage's training prompts and gold
+             tasks, --ppo-iterations iterations, eval_responses = policy.batch_size
+  ppo_full   the same with policy.lora_r = 0 (fp32 policy, a frozen bf16 reference copy, a bf16 sampler copy)
   sft_step_lora_logits 2 optimiser steps of the sft stage's step before the fused LM-head loss
                        (benchmarks/training_efficiency.py sft_lora_logits: full logits, then response_nll)
   sft_step_lora        the same with the stage's step now (sft_lora there: rlhf.sft.ResponseNll); both on full rows
@@ -58,10 +60,12 @@ def run_case(case: str, args, work: Path) -> dict:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from rlhf import ppo, sft
+    from rlhf import policy as policy_stage
+    from rlhf import sft
     from rlhf.params import load_params
     from rlhf.paths import REWARD_DIR, SFT_DIR
-    from rlhf.prompts import held_out_prompts, load_train_prompts
+    from rlhf.prompts import held_out_prompts
+    from rlhf.verifiers import heldout_tasks
 
     params = load_params(REPO / "params.yaml")
     if case == "floor":
@@ -92,14 +96,19 @@ def run_case(case: str, args, work: Path) -> dict:
                                 lora_r=p.lora_r if case == "sft_lora" else 0)
         result = sft.train(p, str(REPO / "models" / "base"), params.model.precision, str(work / "sft"))
         return {"steps": result["metrics"]["sft/steps"], "tokens_per_s": result["metrics"]["perf/train_tokens_per_s"]}
-    p = params.ppo
-    p = dataclasses.replace(p, iterations=args.ppo_iterations, eval_responses=p.batch_size,
-                            checkpoint_every=10_000, lora_r=p.lora_r if case == "ppo_lora" else 0,
+    p = params.policy
+    p = dataclasses.replace(p, algorithm="ppo", reward="rm", group_size=1, iterations=args.ppo_iterations,
+                            eval_responses=p.batch_size, checkpoint_every=10_000,
+                            lora_r=p.lora_r if case == "ppo_lora" else 0,
                             max_new_tokens=args.max_new_tokens or p.max_new_tokens)
     os.chdir(REPO)  # the stage reads data/comparisons/*.parquet relative to the repository
-    train_prompts, heldout = held_out_prompts(load_train_prompts(p.prompts), p.eval_responses, p.seed)
-    result = ppo.train(p, params.model.precision, SFT_DIR, REWARD_DIR, train_prompts, heldout,
-                       work / "policy", work / "checkpoints")
+    # the prompts and gold tasks as the stage's main() deals them
+    pool, tasks, _ = policy_stage.training_prompts(p, params.tasks)
+    train_prompts, heldout = held_out_prompts(pool, p.eval_responses, p.seed)
+    gold = heldout_tasks(params.tasks)[:p.gold_tasks]
+    result = policy_stage.train(p, params.model.precision, SFT_DIR, REWARD_DIR, train_prompts, heldout,
+                                work / "policy", work / "checkpoints", tasks=tasks, gold=gold,
+                                instruction=params.tasks.instruction)
     return {"iterations": p.iterations, "max_new_tokens": p.max_new_tokens,
             "tokens_per_s": result["metrics"]["perf/tokens_per_s"]}
 
@@ -140,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--sft-demos", type=int, default=64, help="demonstrations (0 = all 206) for the SFT cases")
     parser.add_argument("--ppo-iterations", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=0, help="0 = ppo.max_new_tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=0, help="0 = policy.max_new_tokens")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -168,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"command": prefix + "nice -n 10 .venv/bin/python benchmarks/memory.py " + " ".join(argv),
               "config": {"sft_demos": args.sft_demos, "ppo_iterations": args.ppo_iterations,
-                         "max_new_tokens": args.max_new_tokens or "ppo.max_new_tokens", "params": "params.yaml"},
+                         "max_new_tokens": args.max_new_tokens or "policy.max_new_tokens", "params": "params.yaml",
+                         "ppo_cases": "policy section with algorithm ppo, reward rm, group_size 1"},
               "machine": machine(), "peak_rss_mib": figures, "ratios": ratios,
               "target": {"ppo_lora_over_sft_lora_below": 1.5,
                          "met": ratios.get("ppo_lora_over_sft_lora", float("inf")) < 1.5}}

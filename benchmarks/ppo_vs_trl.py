@@ -1,5 +1,6 @@
-"""PPO: this project's stage (rlhf.ppo.train) against TRL 1.12.0's PPO trainer (trl.experimental.ppo), on the
-same SFT policy, reward model, prompts and settings, with LoRA and with full fine-tuning, on this CPU.
+"""PPO: this project's stage (rlhf.policy.train with algorithm ppo, reward rm) against TRL 1.12.0's PPO trainer
+(trl.experimental.ppo), on the same SFT policy, reward model, prompts and settings, with LoRA and with full
+fine-tuning, on this CPU.
 
     nice -n 10 .venv/bin/python -m benchmarks.ppo_vs_trl           # the full run: about 12-15 minutes on 2 cores
     MLFLOW_TRACKING_URI=sqlite:////tmp/smoke.db nice -n 10 .venv/bin/python -m benchmarks.ppo_vs_trl \\
@@ -11,9 +12,11 @@ the very same torch, transformers, peft and accelerate. benchmarks/trl_ppo_drive
 
 Both sides get: models/sft and models/reward (copied once at the start, so a replaced model cannot change
 between runs), the training prompts (rlhf/data/prompts.jsonl, all but a seeded held-out set; for TRL encoded
-by rlhf.chat.prompt_ids), params.yaml's ppo settings (batch size, minibatch size, epochs, response length,
-temperature, learning rate, KL coefficient, GAE γ and λ, clip ranges, value coefficient, missing-EOS penalty,
-seed, LoRA rank), the same number of iterations, and the RM score normalised by the RM's stored mean and std.
+by rlhf.chat.prompt_ids), params.yaml's policy settings (batch size, minibatch size, update epochs, response
+length, temperature, learning rate, KL coefficient, GAE γ and λ, clip ranges, value coefficient, missing-EOS
+penalty, seed, LoRA rank), the same number of iterations, and the RM score normalised by the RM's stored mean and
+std. Ours always runs policy.algorithm ppo with policy.reward rm and one response per prompt (group_size 1), as
+TRL's PPO does, whatever params.yaml's algorithm and reward are.
 Precision: params.yaml's model.precision (bf16 on a CPU with AVX512-BF16); both sides autocast every forward
 pass to it, with fp32 trainable weights.
 
@@ -25,17 +28,19 @@ Per side and variant:
 - RM reward gain per 1,000 samples: the mean normalised RM score of responses to the held-out prompts, after
   training minus the SFT policy's, per 1,000 training samples. One evaluation here scores all five policies
   (SFT, ours and TRL's, LoRA and full) with the project's held-out loop (rlhf.rollouts.heldout_rollouts, as
-  the ppo and evaluate stages use it): the same prompts, the same seeded sampling (temperature, no top-k/p),
+  the policy and evaluate stages use it): the same prompts, the same seeded sampling (temperature, no top-k/p),
   the same RM reading (rlhf.rewards.score_responses), and the KL to the SFT policy per response. The default run
   (4 iterations of 8, 32 held-out responses) fits 15 minutes; its reward figures carry a standard error larger
   than the gains, so compare rewards with a longer run (--iterations 20 --eval-prompts 48: 24 minutes here).
+  The batch sizes default to params.yaml's policy section: where it has more than 8, --batch-size 8
+  --minibatch-size 4 gives the run these times are for.
 
-Where the sides differ by design (kept; see the JSON's `differences`): rlhf.ppo's value function is a linear
-head on the policy's last hidden state, TRL's a whole sequence classifier (initialised from the RM, trained in
-full); rlhf.ppo adapts β towards kl_target, clips the gradient norm and adds an entropy bonus, TRL keeps β fixed
-and does neither; rlhf.ppo scores a finished response with the chat template's closing tokens after its EOS, as
-the RM was trained, TRL reads the RM at the EOS. `--value-model reward_model` gives rlhf.ppo a sequence
-classifier value model too (LoRA-trained with LoRA, in full without).
+Where the sides differ by design (kept; see the JSON's `differences`): rlhf.policy's PPO value function is a
+linear head on the policy's last hidden state, TRL's a whole sequence classifier (initialised from the RM, trained
+in full); rlhf.policy adapts β towards kl_target, clips the gradient norm and adds an entropy bonus, TRL keeps β
+fixed and does neither; rlhf.policy scores a finished response with the chat template's closing tokens after its
+EOS, as the RM was trained, TRL reads the RM at the EOS. `--value-model reward_model` gives rlhf.policy a sequence
+classifier value model too (rlhf.ppo.build_value_model; LoRA-trained with LoRA, in full without).
 """
 from __future__ import annotations
 
@@ -61,11 +66,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python benchmarks/ppo_vs_trl.py` as well as `python -m benchmarks.ppo_vs_trl`
 
 from benchmarks.record import machine, save  # noqa: E402
+from rlhf import policy as policy_stage  # noqa: E402
 from rlhf import ppo, tracking  # noqa: E402
 from rlhf.chat import prompt_ids as chat_prompt_ids, reply_suffix  # noqa: E402
 from rlhf.checkpoints import load_tokenizer, resolve_precision  # noqa: E402
 from rlhf.models import load_causal_lm  # noqa: E402
-from rlhf.params import PpoParams, load_params  # noqa: E402
+from rlhf.params import PolicyParams, load_params  # noqa: E402
 from rlhf.paths import REWARD_DIR, SFT_DIR  # noqa: E402
 from rlhf.prompts import load_train_prompts  # noqa: E402
 from rlhf.rewards import load_reward_model, normalised, score_responses  # noqa: E402
@@ -75,7 +81,7 @@ TRL_VENV = REPO / "benchmarks" / ".venv-trl"
 TRL_PIN = "trl==1.12.0"
 DRIVER = REPO / "benchmarks" / "trl_ppo_driver.py"
 VARIANTS = ("lora", "full")
-ADAMW_WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default, which rlhf.ppo's optimizer uses; TRL is given the same
+ADAMW_WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default, which rlhf.policy's optimizer uses; TRL is given the same
 
 
 # ------------------------------------------------------------------------------------------------
@@ -108,9 +114,11 @@ def trl_python() -> Path:
 # The two sides
 # ------------------------------------------------------------------------------------------------
 
-def variant_params(base, variant: str, args) -> PpoParams:
-    """params.yaml's ppo section with this benchmark's sizes; lora_r = 0 for full fine-tuning."""
-    return replace(base, iterations=args.iterations, batch_size=args.batch_size, minibatch_size=args.minibatch_size,
+def variant_params(base, variant: str, args) -> PolicyParams:
+    """params.yaml's policy section as PPO against the RM (TRL's problem), with this benchmark's sizes; lora_r = 0
+    for full fine-tuning."""
+    return replace(base, algorithm="ppo", reward="rm", group_size=1,  # one response per prompt, as TRL's PPO
+                   iterations=args.iterations, batch_size=args.batch_size, minibatch_size=args.minibatch_size,
                    max_new_tokens=args.max_new_tokens, value_model=args.value_model,
                    lora_r=base.lora_r if variant == "lora" else 0,
                    learning_rate=base.learning_rate if variant == "lora" else args.full_learning_rate,
@@ -122,21 +130,21 @@ def run_ours(params, precision: str, inputs: dict, train_prompts: list[str], hel
              variant: str) -> dict:
     out = work / f"ours-{variant}"
     tic = time.perf_counter()
-    result = ppo.train(params, precision, inputs["sft"], inputs["reward"], train_prompts, heldout, out,
-                       work / f"checkpoints-{variant}")
+    result = policy_stage.train(params, precision, inputs["sft"], inputs["reward"], train_prompts, heldout, out,
+                                work / f"checkpoints-{variant}")  # no verifiable tasks, no gold: TRL has neither
     process_seconds = time.perf_counter() - tic
     seconds = [row["perf/iteration_seconds"] for row in result["curve"]]
     gc.collect()
     return {"policy_dir": str(out), "iteration_seconds": seconds, "train_seconds": sum(seconds),
             "samples": params.iterations * params.batch_size, "process_seconds": process_seconds,
-            "trainable_policy_parameters": result["metrics"]["ppo/trainable_parameters"],
+            "trainable_policy_parameters": result["metrics"]["policy/trainable_parameters"],
             "trainable_value_parameters": value_parameters(params, inputs["reward"]),
             "curve": [{"score": row["objective/score"], "kl": row["objective/kl"], "kl_coef": row["objective/kl_coef"],
                        "length": row["response/length"]} for row in result["curve"]]}
 
 
 def value_parameters(params, reward_dir: str) -> int:
-    """Trainable parameters of rlhf.ppo's value function, as build_value_model makes it."""
+    """Trainable parameters of rlhf.policy's PPO value function, as rlhf.ppo.build_value_model makes it."""
     if params.value_model == "head":
         from transformers import AutoConfig
 
@@ -153,7 +161,7 @@ def run_trl(python: Path, params, dtype: torch.dtype, inputs: dict, prompt_ids: 
             "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
             "reward_normalization": {"mean": reward_stats["mean"], "std": reward_stats["std"]},
             "settings": {**{k: getattr(params, k) for k in (
-                "iterations", "batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "temperature",
+                "iterations", "batch_size", "minibatch_size", "update_epochs", "max_new_tokens", "temperature",
                 "learning_rate", "lora_r", "lora_alpha", "kl_coef", "gamma", "lam", "clip_eps", "value_clip",
                 "vf_coef", "no_eos_penalty", "seed")}, "weight_decay": ADAMW_WEIGHT_DECAY}}
     spec_path = work / f"trl-{variant}.spec.json"
@@ -173,7 +181,7 @@ def run_trl(python: Path, params, dtype: torch.dtype, inputs: dict, prompt_ids: 
 def heldout_scores(policy_dir: str, sft_dir: str, reward_model, reward_stats: dict, tokenizer, prompts: list[str],
                    params, dtype: torch.dtype, batch_size: int) -> dict:
     """Normalised RM scores (RM std units) and KL to the SFT policy (nats) of one sampled response per prompt,
-    drawn from a stream seeded the same way for every policy (seed + 1, as the ppo stage's own before/after)."""
+    drawn from a stream seeded the same way for every policy (seed + 1, as the policy stage's own before/after)."""
     policy = load_causal_lm(policy_dir, dtype=dtype).eval()
     reference = None if policy_dir == sft_dir else load_causal_lm(sft_dir, dtype=dtype).eval()
     # the SFT checkpoint's stop tokens for every policy, so that all of them stop alike (TRL's PPO trainer
@@ -237,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-learning-rate", type=float, default=1e-5,
                         help="learning rate of full fine-tuning (LoRA uses params.yaml's)")
     parser.add_argument("--value-model", choices=["head", "reward_model"], default=None,
-                        help="rlhf.ppo's value function (default: params.yaml's)")
+                        help="rlhf.policy's PPO value function (default: params.yaml's policy.value_model)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--prompts", default="rlhf/data/prompts.jsonl", help="a .jsonl/.parquet with a `prompt` column")
     parser.add_argument("--eval-prompts", type=int, default=32, help="held-out prompts, one response each per policy")
@@ -248,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
     python = trl_python()
     config = load_params()
-    base = config.ppo
+    base = config.policy
     args.batch_size = args.batch_size or base.batch_size
     args.minibatch_size = args.minibatch_size or base.minibatch_size
     args.max_new_tokens = args.max_new_tokens or base.max_new_tokens
@@ -268,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variants:  # the two sides alternate, so they see the same machine load
             params = variant_params(base, variant, args)
             settings[variant] = asdict(params)
-            print(f"ppo_vs_trl: {variant}: rlhf.ppo, {params.iterations} iterations of {params.batch_size}")
+            print(f"ppo_vs_trl: {variant}: rlhf.policy (ppo), {params.iterations} iterations of {params.batch_size}")
             runs[("ours", variant)] = run_ours(params, precision, inputs, train_prompts, heldout, work, variant)
             print(f"ppo_vs_trl: {variant}: TRL {TRL_PIN}, {params.iterations} iterations of {params.batch_size}")
             runs[("trl", variant)] = run_trl(python, params, dtype, inputs, prompt_ids, reward_stats, work, variant)
@@ -345,18 +353,18 @@ def main(argv: list[str] | None = None) -> int:
                                          "process_seconds": round(run["process_seconds"], 2),
                                          "curve": run["curve"]} for (side, variant), run in runs.items()},
         "differences": [
-            f"value function: rlhf.ppo `{args.value_model}` (a linear head on the policy's last hidden state when "
+            f"value function: rlhf.policy `{args.value_model}` (a linear head on the policy's last hidden state when "
             "'head'); TRL a whole sequence classifier initialised from the RM and trained in full (fp32), in both variants",
-            "KL coefficient: rlhf.ppo adapts β from kl_coef towards kl_target; TRL keeps kl_coef fixed (k1 estimator)",
-            "rlhf.ppo clips the gradient norm (max_grad_norm) and adds entropy_coef·H; TRL's PPO does neither",
-            "reward: rlhf.ppo scores an ended response with the chat template's closing tokens after its EOS (as the "
+            "KL coefficient: rlhf.policy adapts β from kl_coef towards kl_target; TRL keeps kl_coef fixed (k1 estimator)",
+            "rlhf.policy clips the gradient norm (max_grad_norm) and adds entropy_coef·H; TRL's PPO does neither",
+            "reward: rlhf.policy scores an ended response with the chat template's closing tokens after its EOS (as the "
             "RM was trained); TRL reads the RM at the EOS token",
             "pad token: TRL is given <|endoftext|> as pad (SmolLM2's pad is its EOS, which TRL would mask out of attention)",
-            "forward passes: rlhf.ppo computes logits only over the response positions; TRL over the whole sequence",
-            "log π_old: rlhf.ppo recomputes it with the forward pass the update uses; TRL takes it from generation's "
+            "forward passes: rlhf.policy computes logits only over the response positions; TRL over the whole sequence",
+            "log π_old: rlhf.policy recomputes it with the forward pass the update uses; TRL takes it from generation's "
             "KV-cached logits, so in bf16 its first ratio is not exactly 1 and its KL at iteration 1 is not 0",
-            "learning-rate schedule: both linear to 0 over the run; rlhf.ppo steps it per minibatch, TRL per iteration",
-            "weight decay 0.01 on both; TRL's Trainer optimizer exempts biases and norm weights, rlhf.ppo does not",
+            "learning-rate schedule: both linear to 0 over the run; rlhf.policy steps it per minibatch, TRL per iteration",
+            "weight decay 0.01 on both; TRL's Trainer optimizer exempts biases and norm weights, rlhf.policy does not",
             "prompt order: each side shuffles the same training prompts with its own seeded sampler",
         ],
     }

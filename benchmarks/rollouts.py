@@ -1,14 +1,14 @@
-"""PPO rollouts: the sampler's generated tokens/s against plain `model.generate`, and the honest speed-ups.
+"""Policy rollouts: the sampler's generated tokens/s against plain `model.generate`, and the honest speed-ups.
 
-The policy is built as the ppo stage builds it (rlhf.ppo.build_policy: models/sft in the compute dtype with
-an unmerged LoRA adapter from params.yaml). Its LoRA B matrices start at zero, which would make merging free
+The policy is built as the policy stage builds it (rlhf.policy.build_policy: models/sft in the compute dtype with
+an unmerged LoRA adapter from params.yaml's policy section). Its LoRA B matrices start at zero, which would make merging free
 of rounding, so they get small seeded random values first (as after some PPO updates). Every variant samples
-the same prompts (the ppo stage's training prompts, cycled, left-padded, rlhf.rollouts.encode_queries) at
+the same prompts (the comparisons' train-split prompts, cycled, left-padded, rlhf.rollouts.encode_queries) at
 temperature 1 from the full distribution (top_k=0, top_p=1), max_new_tokens from params.yaml, KV cache on,
 the same seed. Variants, timed in turns so they see the same machine:
 
   generate       plain model.generate on the PEFT-wrapped policy (no autocast): the reference
-  sampler        rlhf.rollouts.sample_responses inside accelerator.autocast() (rlhf.ppo.rollout now samples
+  sampler        rlhf.rollouts.sample_responses inside accelerator.autocast() (rlhf.policy.rollout now samples
                  without autocast, from the LoRA-merged policy: merged_noac is the stage's way)
   sampler_noac   sample_responses without autocast (the base is already bf16; the LoRA weights stay fp32)
   premerged      sample_responses on the policy with LoRA already merged (merging not timed): the ceiling
@@ -28,9 +28,10 @@ From the repository root (estimates for 2 quiet cores):
     nice -n 10 .venv/bin/python benchmarks/rollouts.py                  # ~4-5 minutes; --rounds 2: ~8
     nice -n 10 .venv/bin/python benchmarks/rollouts.py --smoke          # batch 1 and 8, 16 new tokens, ~1 minute
     nice -n 10 .venv/bin/python benchmarks/rollouts.py --profile-ppo    # ~10 minutes: a PPO iteration (rollout +
-        update) of the stage's code and of its earlier versions (PPO_VARIANTS), each under torch.profiler, then
-        --ppo-rounds unprofiled iterations of each, in turns, every one from the same weights and optimizer state;
-        the ratio line compares the medians. --ppo-full for ppo.lora_r = 0, --shapes to list ops by input shape
+        update) of the policy stage's code (policy.algorithm ppo, policy.reward rm, one response per prompt) and
+        of its earlier versions (PPO_VARIANTS), each under torch.profiler, then --ppo-rounds unprofiled iterations
+        of each, in turns, every one from the same weights and optimizer state; the ratio line compares the
+        medians. --ppo-full for policy.lora_r = 0, --shapes to list ops by input shape
 
 writes benchmarks/results/rollouts.json (rollouts_smoke.json, rollouts_profile_ppo[_full].json) and logs the figures to the project's
 MLflow store, experiment "benchmarks".
@@ -53,15 +54,17 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.record import command, machine, save  # noqa: E402
 from rlhf import attention as rlhf_attention  # noqa: E402
+from rlhf import policy as rlhf_policy  # noqa: E402
 from rlhf import ppo  # noqa: E402
 from rlhf import rollouts as rlhf_rollouts  # noqa: E402
 from rlhf.chat import reply_suffix  # noqa: E402
 from rlhf.checkpoints import load_tokenizer, resolve_precision  # noqa: E402
 from rlhf.params import load_params  # noqa: E402
 from rlhf.paths import REWARD_DIR, SFT_DIR, TRAIN_COMPARISONS  # noqa: E402
-from rlhf.ppo import build_policy  # noqa: E402
+from rlhf.policy import build_policy  # noqa: E402
 from rlhf.prompts import distinct_prompts  # noqa: E402
-from rlhf.rewards import load_reward_model, normalised  # noqa: E402
+from rlhf.reward_sources import RewardSources, weighted_reward  # noqa: E402
+from rlhf.rewards import load_reward_model  # noqa: E402
 from rlhf.rollouts import build_sampler, cut_at_eos, encode_queries, eos_ids, sample_responses  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -236,33 +239,41 @@ def _hf_generate_sample_responses(model, query, query_mask, max_new_tokens: int,
 
 
 # What each variant puts in place of (module, name), inside this process only. A name is patched in the module
-# whose global the stage's code reads at call time: rlhf.ppo imports policy_forward and sample_responses from
-# rlhf.rollouts, so ppo.rollout and ppo.ppo_update look them up in rlhf.ppo (a patch in rlhf.rollouts would not
-# reach them); adapter_inputs_uncast is read by rlhf.rollouts.policy_forward, the policy's forward pass, as the
-# old rlhf.ppo.policy_forward read it (the value model's rlhf.rewards.token_scores keeps its own, as before);
-# SCORES_PER_CHUNK by rlhf.attention.attention.
+# whose global the stage's code reads at call time: rlhf.policy imports policy_forward and sample_responses from
+# rlhf.rollouts, so rlhf.policy's rollout, reference_logprobs and policy_update look them up in rlhf.policy (a
+# patch in rlhf.rollouts would not reach them); adapter_inputs_uncast is read by rlhf.rollouts.policy_forward, the
+# policy's forward pass, as the old rlhf.ppo.policy_forward read it (the value model's rlhf.rewards.token_scores
+# keeps its own, as before); SCORES_PER_CHUNK by rlhf.attention.attention.
 PPO_VARIANTS = {
     "stage": {},
     # before LinearLogprobEntropy: the (B, N, V) fp32 logits and their log-softmax held, forward and backward
-    "full_vocab_logits": {(ppo, "policy_forward"): _full_vocab_policy_forward},
+    "full_vocab_logits": {(rlhf_policy, "policy_forward"): _full_vocab_policy_forward},
     # before adapter_inputs_uncast: peft casts every adapter input to fp32, autocast casts it back
     "adapter_inputs_cast": {
         (rlhf_rollouts, "adapter_inputs_uncast"): lambda model, device_type: contextlib.nullcontext()},
     # before sample_responses had its own decoding loop and inverse-CDF sampling: transformers' generate
-    "hf_generate": {(ppo, "sample_responses"): _hf_generate_sample_responses},
+    "hf_generate": {(rlhf_policy, "sample_responses"): _hf_generate_sample_responses},
     # before rlhf.attention multiplied short attention out: torch's SDPA (its CPU flash kernel) throughout
     "sdpa_attention": {(rlhf_attention, "SCORES_PER_CHUNK"): 0},
 }
 
 
+def ppo_params(params, args):
+    """params.yaml's policy section as --profile-ppo runs it: PPO against the reward model, one response per
+    prompt (what the ppo stage ran before the policy stage had other algorithms and reward sources)."""
+    p = params.policy
+    return dataclasses.replace(p, algorithm="ppo", reward="rm", group_size=1,
+                               max_new_tokens=args.max_new_tokens or p.max_new_tokens,
+                               lora_r=0 if args.ppo_full else p.lora_r)
+
+
 def profile_ppo_iteration(args, params) -> dict:
-    """PPO iterations (rollout + update), built as rlhf.ppo.train builds them: each variant in PPO_VARIANTS gets
-    a warm-up iteration and a timed one under torch.profiler."""
+    """PPO iterations (rollout + update), built as rlhf.policy.train builds them: each variant in PPO_VARIANTS
+    gets a warm-up iteration and a timed one under torch.profiler."""
     from accelerate import Accelerator
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    p = dataclasses.replace(params.ppo, max_new_tokens=args.max_new_tokens or params.ppo.max_new_tokens,
-                            lora_r=0 if args.ppo_full else params.ppo.lora_r)
+    p = ppo_params(params, args)
     dtype = resolve_precision(params.model.precision)
     accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
     tokenizer = load_tokenizer(SFT)
@@ -270,7 +281,7 @@ def profile_ppo_iteration(args, params) -> dict:
     reward_model, stats = load_reward_model(REPO / REWARD_DIR, dtype)
     reward_model.eval().requires_grad_(False)
     value_model = ppo.build_value_model(p, str(REPO / REWARD_DIR), dtype, policy.config.hidden_size)
-    trainable = list(ppo._trainable(policy).values()) + list(ppo._trainable(value_model).values())
+    trainable = list(rlhf_policy._trainable(policy).values()) + list(rlhf_policy._trainable(value_model).values())
     optimizer = torch.optim.AdamW(trainable, lr=p.learning_rate, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     policy, value_model, optimizer, scheduler = accelerator.prepare(policy, value_model, optimizer, scheduler)
@@ -279,28 +290,31 @@ def profile_ppo_iteration(args, params) -> dict:
     sampler = build_sampler(str(SFT), dtype, p.uses_lora)
     if sampler is not None:
         sampler.to(accelerator.device)
-    models = ppo.Models(accelerator, policy, reference, value_model, reward_model, stats, tokenizer,
-                        reply_suffix(tokenizer), eos_ids(policy, tokenizer), sampler)
+    suffix = reply_suffix(tokenizer)
+    rewards = RewardSources(p.reward_weights, reward_model, stats, suffix)
+    models = rlhf_policy.Models(accelerator, policy, reference, value_model, rewards, tokenizer, suffix,
+                                eos_ids(accelerator.unwrap_model(policy), tokenizer), sampler)
     prompts = distinct_prompts(REPO / TRAIN_COMPARISONS)
     originals = {(module, name): getattr(module, name) for variant in PPO_VARIANTS.values() for module, name in variant}
 
     def trainable_state() -> dict:
         return {f"{prefix}.{name}": p for prefix, module in (("policy", policy), ("value", value_model))
-                for name, p in ppo._trainable(module).items()}
+                for name, p in rlhf_policy._trainable(module).items()}
 
     def iteration(i: int) -> dict:
         torch.manual_seed(p.seed + i)
         tic = time.perf_counter()
         with record_function("ppo/rollout"):
-            batch = ppo.rollout(models, p, [prompts[(i * p.batch_size + k) % len(prompts)] for k in range(p.batch_size)])
+            batch = rlhf_policy.rollout(models, p, [prompts[(i * p.batch_size + k) % len(prompts)]
+                                                    for k in range(p.batch_size)], {})
         rollout_s = time.perf_counter() - tic
         mask = batch["mask"].float()
-        score = normalised(batch["raw_score"], models.reward_stats) - p.no_eos_penalty * (~batch["ended"]).float()
-        rewards = ppo.token_rewards(score, batch["logp_old"], batch["logp_ref"], p.kl_coef, mask)
-        advantages, returns = ppo.gae(rewards, batch["values_old"], mask, p.gamma, p.lam)
+        # the score and the advantages as rlhf.policy.train makes them, at β = kl_coef (its first iteration's)
+        score = weighted_reward(batch["parts"], p.reward_weights) - p.no_eos_penalty * (~batch["ended"]).float()
+        advantages, returns, _ = rlhf_policy.advantages_of(p, batch, score, p.kl_coef)
         tic = time.perf_counter()
         with record_function("ppo/update"):
-            ppo.ppo_update(models, p, optimizer, scheduler, trainable, batch, ppo.whiten(advantages, mask), returns)
+            rlhf_policy.policy_update(models, p, optimizer, scheduler, trainable, batch, advantages, returns, p.kl_coef)
         update_s = time.perf_counter() - tic
         return {"generation_seconds": round(batch["generation_seconds"], 2), "rollout_seconds": round(rollout_s, 2),
                 "update_seconds": round(update_s, 2), "iteration_seconds": round(rollout_s + update_s, 2),
@@ -368,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated, of {', '.join(VARIANTS)}")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: ppo.max_new_tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: policy.max_new_tokens")
     parser.add_argument("--rounds", type=int, default=1, help="timed rollouts per variant and batch size")
     parser.add_argument("--lora-b-scale", type=float, default=0.01, help="std of the seeded LoRA B values")
     parser.add_argument("--seed", type=int, default=0)
@@ -377,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--shapes", action="store_true", help="--profile-ppo: also list ops by input shape")
     parser.add_argument("--ppo-variants", default=",".join(PPO_VARIANTS), help="--profile-ppo: which code to time")
-    parser.add_argument("--ppo-full", action="store_true", help="--profile-ppo: ppo.lora_r = 0 (full fine-tuning)")
+    parser.add_argument("--ppo-full", action="store_true", help="--profile-ppo: policy.lora_r = 0 (full fine-tuning)")
     parser.add_argument("--ppo-rounds", type=int, default=3, help="--profile-ppo: unprofiled iterations per variant")
     args = parser.parse_args(argv)
     params = load_params(REPO / "params.yaml")
@@ -388,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--ppo-variants: choose from {', '.join(PPO_VARIANTS)}")
         result = profile_ppo_iteration(args, params)
         out = RESULTS / ("rollouts_profile_ppo_full.json" if args.ppo_full else "rollouts_profile_ppo.json")
-        config = {"ppo": params.section("ppo"), "ppo_variants": args.ppo_variants}
+        config = {"policy": params.section("policy"),
+                  "overrides": {k: getattr(ppo_params(params, args), k) for k in ("algorithm", "reward", "group_size")},
+                  "ppo_variants": args.ppo_variants}
         metrics = {f"{v}/{k}": float(x) for v, r in result["variants"].items() for k, x in r["phases"].items()}
         metrics.update({f"ratio/{k}": float(x) for k, x in result["ratios"].items()})
         save(out.stem, {"command": command(), "config": config, "machine": machine(), **result}, metrics, out,
@@ -402,23 +418,23 @@ def main(argv: list[str] | None = None) -> int:
     args.variants = [v for v in args.variants.split(",") if v]
     if set(args.variants) - set(VARIANTS):
         parser.error(f"--variants: choose from {', '.join(VARIANTS)}")
-    args.max_new_tokens = args.max_new_tokens or params.ppo.max_new_tokens
+    args.max_new_tokens = args.max_new_tokens or params.policy.max_new_tokens
 
     from accelerate import Accelerator
 
     dtype = resolve_precision(params.model.precision)
     accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
     tokenizer = load_tokenizer(SFT)
-    policy, _ = build_policy(str(SFT), dtype, params.ppo)
+    policy, _ = build_policy(str(SFT), dtype, params.policy)
     perturb_lora(policy, args.lora_b_scale, args.seed)
     policy.eval()
     prompts = distinct_prompts(REPO / TRAIN_COMPARISONS)
     drift = unmerge_drift(policy, rounds=20)
     drift.update(merge_seconds(policy, repeats=3))
     print(f"peft merge_adapter/unmerge_adapter x20 in {dtype}: {drift}", flush=True)
-    figures = measure(args, policy, accelerator, tokenizer, prompts, params.ppo.max_prompt_len)
+    figures = measure(args, policy, accelerator, tokenizer, prompts, params.policy.max_prompt_len)
 
-    config = {"policy": "models/sft + LoRA (rlhf.ppo.build_policy)", "dtype": str(dtype), "lora_r": params.ppo.lora_r,
+    config = {"policy": "models/sft + LoRA (rlhf.policy.build_policy)", "dtype": str(dtype), "lora_r": params.policy.lora_r,
               "lora_b_scale": args.lora_b_scale, "max_new_tokens": args.max_new_tokens, "temperature": 1.0,
               "batches": args.batches, "rounds": args.rounds, "prompts": f"{len(prompts)} distinct, cycled"}
     report = {"command": command(), "config": config, "machine": machine(), "unmerge_drift": drift,

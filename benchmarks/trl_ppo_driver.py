@@ -5,17 +5,19 @@ Run by the TRL venv's python (benchmarks/.venv-trl, which ppo_vs_trl.py makes), 
     benchmarks/.venv-trl/bin/python benchmarks/trl_ppo_driver.py SPEC.json
 
 SPEC.json (written by ppo_vs_trl.py) holds the model folders, the prompts as token ids (already in the chat
-template and cut to max_prompt_len, by rlhf.chat.prompt_ids), the PPO settings and where to write. This
-script saves the trained policy (LoRA merged) as a plain transformers folder and writes a result JSON with the
-training loop's wall time, per iteration, measured by a callback from `on_train_begin` to each `on_step_end`,
-and the mean response length per iteration (noted by a wrapper around TRL's `truncate_response`).
+template and cut to max_prompt_len, by rlhf.chat.prompt_ids), the PPO settings under params.yaml's policy
+names (`update_epochs` is TRL's num_ppo_epochs) and where to write. This script saves the trained policy (LoRA
+merged) as a plain transformers folder and writes a result JSON with the training loop's wall time, per
+iteration, measured by a callback from `on_train_begin` to each `on_step_end`, and the mean response length per
+iteration (noted by a wrapper around TRL's `truncate_response`).
 
-What it adapts so that TRL sees the same problem as rlhf.ppo (everything else is TRL's own code path):
-- the RM's head returns (w·h − mean)/std with the RM's stored `reward_normalization`, as rlhf.ppo scores
-  (rlhf.rewards.normalised);
+What it adapts so that TRL sees the same problem as rlhf.policy's PPO against the RM (everything else is TRL's
+own code path):
+- the RM's head returns (w·h − mean)/std with the RM's stored `reward_normalization`, as rlhf.policy scores
+  (rlhf.reward_sources, rlhf.rewards.normalised);
 - the pad token is `<|endoftext|>`: SmolLM2's pad is its EOS `<|im_end|>`, and TRL masks every pad-id token
   out of attention, which would hide the chat template's turn ends and make every response look unended;
-- with bf16, `trainer.train()` runs under CPU bf16 autocast (rlhf.ppo autocasts rollouts and updates alike);
+- with bf16, `trainer.train()` runs under CPU bf16 autocast (rlhf.policy autocasts rollouts and updates alike);
   TRL's own Accelerator ignores `PPOConfig(bf16=True)` under transformers 5 unless ACCELERATE_MIXED_PRECISION
   is set, which is set too.
 """
@@ -107,7 +109,7 @@ def main(spec_path: str) -> None:
         raise ValueError(f"a prompt contains the pad token {PAD_TOKEN} (id {pad_id}); TRL would mask it out.")
 
     lora = s["lora_r"] > 0
-    # as rlhf.ppo.build_policy: LoRA on the SFT weights in `dtype`; full training on fp32 weights and a frozen copy in `dtype`
+    # as rlhf.policy.build_policy: LoRA on the SFT weights in `dtype`; full training on fp32 weights and a frozen copy in `dtype`
     policy = AutoModelForCausalLM.from_pretrained(spec["sft_dir"], dtype=dtype if lora else torch.float32)
     policy.generation_config.pad_token_id = pad_id
     reference = None if lora else AutoModelForCausalLM.from_pretrained(spec["sft_dir"], dtype=dtype)
@@ -132,7 +134,7 @@ def main(spec_path: str) -> None:
         # one rollout of batch_size prompts per iteration, split into batch_size/minibatch_size minibatches
         per_device_train_batch_size=s["batch_size"], gradient_accumulation_steps=1,
         num_mini_batches=s["batch_size"] // s["minibatch_size"], local_rollout_forward_batch_size=s["batch_size"],
-        total_episodes=s["iterations"] * s["batch_size"], num_ppo_epochs=s["ppo_epochs"],
+        total_episodes=s["iterations"] * s["batch_size"], num_ppo_epochs=s["update_epochs"],
         response_length=s["max_new_tokens"], temperature=s["temperature"], stop_token="eos",
         missing_eos_penalty=s["no_eos_penalty"],
         learning_rate=s["learning_rate"], weight_decay=s["weight_decay"], lr_scheduler_type="linear", warmup_steps=0,
