@@ -3,6 +3,7 @@ sources and their weighted sum; the reward model's quality gate; and, on a tiny 
 exact resume and 100 NaN-free iterations, DPO lowering its loss, the over-optimisation points."""
 from __future__ import annotations
 
+import sys
 import json
 import math
 from pathlib import Path
@@ -173,6 +174,7 @@ def test_the_verifier_scores_task_prompts_and_a_reward_function_sees_their_recor
         "def brevity(prompts, responses, metadata):\n"
         "    return [-len(r) / 10 + (5 if m else 0) for r, m in zip(responses, metadata)]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)  # another test's module of the same name
     task = generate_tasks(ARITHMETIC, seed=5, count=1)[0]
     prompt = task_prompt(task, "Give only the final answer.")
     sources = RewardSources({"verifier": 1.0, "my_rewards:brevity": 0.5})
@@ -202,7 +204,7 @@ def test_a_bad_reward_is_refused_with_the_fix(tmp_path, reward, message):
 
 def test_a_weighted_reward_loads():
     path = Path(__file__).resolve().parents[1] / "params.yaml"
-    assert load_params(path).policy.reward_weights == {"rm": 1.0}
+    assert load_params(path).policy.reward_weights == {"verifier": 1.0}  # the default cycle's
     assert PolicyParams(reward={"rm": 1, "verifier": 2.0}).reward_weights == {"rm": 1.0, "verifier": 2.0}
     assert not PolicyParams(reward="verifier").uses_reward_model
     assert not PolicyParams(algorithm="dpo").uses_reward_model

@@ -301,7 +301,12 @@ def test_two_scheduled_cycles_the_second_learns_from_the_first_ones_server(tiny_
     for version in versions.values():
         assert version.tags["gate.by"] == "gate" and version.tags["gate.promote"] in ("True", "False")
         assert version.tags["gate.rule"] and version.tags["gate.reason"]
-    assert (versions["1"].tags["gate.promote"], versions["1"].tags["gate.rule"]) == ("True", "first_champion")
+    # the first champion had to beat SFT, the second challenger the champion, each under the independent judge
+    assert (versions["1"].tags["gate.promote"], versions["1"].tags["gate.rule"]) == ("True", "beats_sft")
+    assert (versions["1"].tags["gate.opponent"], versions["2"].tags["gate.opponent"]) == ("sft", "champion")
+    assert versions["1"].tags["gate.judge"] == versions["2"].tags["gate.judge"] == "verifier"
+    # the second cycle sampled its pairs from the champion the first one promoted
+    assert set(collected.loc[collected["source"].str.startswith("judge:"), "policy_version"]) == {"tiny-policy/1"}
     assert versions["1"].tags["dvc.data/comparisons/train.parquet"] != versions["2"].tags["dvc.data/comparisons/train.parquet"]
     # version 2 was trained on the users' judgements (both land in the train split of validate's seeded split)
     assert "comparisons.feedback:tiny-policy/1" not in versions["1"].tags

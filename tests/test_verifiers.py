@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import textwrap
 from dataclasses import replace
 from pathlib import Path
@@ -235,6 +236,8 @@ def user_module(tmp_path, monkeypatch):
     """))
     (tmp_path / "broken_rewards.py").write_text("import not_a_package_anywhere\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("my_rewards", "broken_rewards"):  # another test's module of the same name may be imported already
+        monkeypatch.delitem(sys.modules, name, raising=False)
 
 
 def test_a_users_reward_function_loads_and_is_checked(user_module):
