@@ -56,7 +56,7 @@ from benchmarks.record import machine, save
 from rlhf import policy, tracking
 from rlhf.chat import render_prompt
 from rlhf.checkpoints import load_tokenizer, resolve_precision
-from rlhf.dpo import Pair
+from rlhf.comparisons import Pair
 from rlhf.models import load_causal_lm
 from rlhf.params import load_params
 from rlhf.paths import SFT_DIR

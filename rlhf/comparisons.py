@@ -6,6 +6,7 @@ reads comparisons reads them through `read_comparisons`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rlhf.outputs import atomic_path
+from rlhf.params import ParamError
 
 CHOICES = ("a", "b", "tie")
 SOURCE_KINDS = ("human", "judge", "import", "feedback")
@@ -66,3 +68,30 @@ def read_comparisons(path: str | Path) -> pd.DataFrame:
             "or point the param at an existing Parquet file."
         )
     return pq.read_table(path).to_pandas()
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A judged comparison as a preference: the prompt, the response chosen and the one rejected."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def preference_pairs(frame: pd.DataFrame, where: str) -> tuple[list[Pair], int]:
+    """The (prompt, chosen, rejected) pairs of a comparisons frame, and how many ties were left out (a tie has no
+    direction for a preference loss: −log σ(R₊ − R₋) and DPO's alike)."""
+    unjudged = frame["chosen"].isna() | ~frame["chosen"].isin(CHOICES)
+    if unjudged.any():
+        row = frame[unjudged].iloc[0]
+        shown = "no label" if row["chosen"] is None or row["chosen"] != row["chosen"] else repr(row["chosen"])
+        raise ParamError(
+            f"{where}: {int(unjudged.sum())} row(s) have no valid `chosen` (the first, pair_id {row['pair_id']!r}, has "
+            f"{shown}), but a preference loss needs every pair judged 'a', 'b' or 'tie'. The validate stage quarantines "
+            "such rows; run `dvc repro validate` and train on its output."
+        )
+    pairs = [Pair(prompt, a, b) if chosen == "a" else Pair(prompt, b, a)
+             for prompt, a, b, chosen in zip(frame["prompt"], frame["response_a"], frame["response_b"], frame["chosen"])
+             if chosen != "tie"]
+    return pairs, int((frame["chosen"] == "tie").sum())

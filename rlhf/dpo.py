@@ -13,23 +13,14 @@ A tie says neither response is better, so it has no place in a pairwise loss: ti
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from rlhf.chat import prompt_and_reply_ids
-from rlhf.params import ParamError
+from rlhf.comparisons import Pair
 from rlhf.rewards import pad_right
 from rlhf.rollouts import pad_left
-
-
-@dataclass(frozen=True)
-class Pair:
-    prompt: str
-    chosen: str
-    rejected: str
 
 
 # ------------------------------------------------------------------------------------------------
@@ -60,22 +51,6 @@ def ipo_loss(margin: torch.Tensor, beta: float) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # Pairs and their token ids
 # ------------------------------------------------------------------------------------------------
-
-def preference_pairs(frame: pd.DataFrame, where: str) -> tuple[list[Pair], int]:
-    """The (prompt, chosen, rejected) pairs of a comparisons frame, and how many ties were left out."""
-    unjudged = frame["chosen"].isna() | ~frame["chosen"].isin(["a", "b", "tie"])
-    if unjudged.any():
-        row = frame[unjudged].iloc[0]
-        raise ParamError(
-            f"{where}: {int(unjudged.sum())} row(s) have no valid `chosen` (the first is pair_id {row['pair_id']!r}), but "
-            "a preference loss needs every pair judged 'a', 'b' or 'tie'. The validate stage quarantines such rows; "
-            "run `dvc repro validate` and train on its output."
-        )
-    pairs = [Pair(prompt, a, b) if chosen == "a" else Pair(prompt, b, a)
-             for prompt, a, b, chosen in zip(frame["prompt"], frame["response_a"], frame["response_b"], frame["chosen"])
-             if chosen != "tie"]
-    return pairs, int((frame["chosen"] == "tie").sum())
-
 
 def response_ids(tokenizer, prompt: str, response: str, suffix: list[int], max_tokens: int) -> list[int]:
     """The response's tokens as the policy samples them: the reply and its EOS, without the template's closing

@@ -4,6 +4,8 @@ Model files themselves (the source model, precision, tokenizers, saving) are `rl
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -58,3 +60,15 @@ def adapter_inputs_uncast(model: torch.nn.Module, device_type: str):
 def without_peft(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a peft wrapper (with its adapters still in place), or the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def inference(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off and no autograd inside; the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)

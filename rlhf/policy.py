@@ -49,9 +49,8 @@ from transformers import get_linear_schedule_with_warmup
 from rlhf import tracking
 from rlhf.chat import prompt_and_reply_ids, reply_suffix
 from rlhf.checkpoints import count_parameters, load_tokenizer, resolve_precision, save_checkpoint
-from rlhf.comparisons import read_comparisons
-from rlhf.dpo import (Pair, dpo_loss, encode_pair, ipo_loss, logratio_margin, pair_batch, preference_pairs,
-                      sequence_logprob)
+from rlhf.comparisons import Pair, preference_pairs, read_comparisons
+from rlhf.dpo import dpo_loss, encode_pair, ipo_loss, logratio_margin, pair_batch, sequence_logprob
 from rlhf.models import add_lora, load_causal_lm
 from rlhf.objectives import grpo_loss, group_advantages, leave_one_out_advantages, per_token, reinforce_pp_advantages
 from rlhf.params import ParamError, PolicyParams, TasksParams, load_params

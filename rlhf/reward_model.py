@@ -19,7 +19,6 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from transformers import get_linear_schedule_with_warmup
 from rlhf import tracking
 from rlhf.chat import prompt_and_reply_ids
 from rlhf.checkpoints import count_parameters, load_tokenizer, resolve_precision, save_checkpoint
-from rlhf.comparisons import read_comparisons
+from rlhf.comparisons import Pair, preference_pairs, read_comparisons
 from rlhf.models import add_lora, load_scalar_model, without_peft
 from rlhf.parallel import process_share
 from rlhf.params import ParamError, RewardModelParams, load_params
@@ -44,13 +43,6 @@ from rlhf.stats import wilson_interval
 METRICS = "metrics/reward_model.json"
 PLOT = "plots/reward_model.csv"
 STATS_PAIRS = 1000  # training pairs scored for the reward normalisation
-
-
-@dataclass(frozen=True)
-class Pair:
-    prompt: str
-    chosen: str
-    rejected: str
 
 
 # ------------------------------------------------------------------------------------------------
@@ -68,23 +60,7 @@ def preference_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor) 
 
 def load_pairs(path: str | Path) -> tuple[list[Pair], int]:
     """(chosen, rejected) pairs of a comparisons file, and how many ties were left out."""
-    frame = read_comparisons(path)
-    unjudged = frame["chosen"].isna() | ~frame["chosen"].isin(["a", "b", "tie"])
-    if unjudged.any():
-        row = frame[unjudged].iloc[0]
-        shown = "no label" if row["chosen"] is None or row["chosen"] != row["chosen"] else repr(row["chosen"])
-        raise ParamError(
-            f"{path}: {int(unjudged.sum())} row(s) have no valid `chosen` (the first, pair_id {row['pair_id']!r}, has {shown}), "
-            "but a reward model needs every pair judged 'a', 'b' or 'tie'. The validate stage quarantines such rows; "
-            "run `dvc repro validate` and train on its output."
-        )
-    pairs = []
-    for prompt, a, b, chosen in zip(frame["prompt"], frame["response_a"], frame["response_b"], frame["chosen"]):
-        if chosen == "a":
-            pairs.append(Pair(prompt, a, b))
-        elif chosen == "b":
-            pairs.append(Pair(prompt, b, a))
-    return pairs, int((frame["chosen"] == "tie").sum())
+    return preference_pairs(read_comparisons(path), str(path))
 
 
 def encode(tokenizer, prompt: str, response: str, max_seq_len: int) -> list[int]:

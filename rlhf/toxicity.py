@@ -6,10 +6,9 @@ toxicity probability the share of prompts with at least one continuation scored 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -17,22 +16,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf.models import inference
 from rlhf.rollouts import Samples, sample_k
 
 log = logging.getLogger(__name__)
 EMBEDDED_PROVOCATIONS = "embedded:provocation_probe"
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off and no autograd inside; the model's train/eval mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
 
 
 
@@ -107,7 +95,7 @@ def sample_continuations(
             "`tokenizer.pad_token = tokenizer.eos_token` (rlhf.checkpoints.load_tokenizer does) before sampling."
         )
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _eval_mode(model):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), inference(model):
         torch.manual_seed(seed)
         with tqdm(total=len(prompts) * k, desc="sampling", unit="seq", disable=not progress) as bar:
             return sample_k(model, tokenizer, prompts, k, max_new_tokens, temperature, batch_size, top_p=top_p,

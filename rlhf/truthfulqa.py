@@ -13,10 +13,9 @@ answers at the first label 0, which differs on the 2 rows of mc_task.json whose 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,6 +23,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.models import inference
 
 EMBEDDED_TRUTHFULNESS = "embedded:truthfulness_probe"
 
@@ -156,18 +157,6 @@ class TruthfulQAScores:
         return sum(self.mc2) / len(self.mc2)
 
 
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off and no autograd inside; the model's train/eval mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
-
-
 def _check_fits(model: PreTrainedModel, n_tokens: int, what: str) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and n_tokens > limit:
@@ -188,7 +177,7 @@ def loglikelihoods_full_sequence(
     """
     device = next(model.parameters()).device
     results: list[float] = []
-    with _eval_mode(model):
+    with inference(model):
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
             inputs = [context + continuation[:-1] for context, continuation in chunk]
@@ -350,7 +339,7 @@ def truthfulqa_scores(
 
     shared = _common_prefix_length([context_ids for context_ids, _ in encoded])
     mc1, mc2, mc1_lls, mc2_lls = [], [], [], []
-    with _eval_mode(model):
+    with inference(model):
         root = _extend_prefix(model, _Prefix(None, 0, None), encoded[0][0][:shared])
         bar = tqdm(total=len(questions), desc="truthfulqa", unit="q", disable=not progress)
         for start in range(0, len(questions), batch_size):

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from rlhf import policy, reward_sources
-from rlhf.dpo import Pair, dpo_loss, ipo_loss, logratio_margin, preference_pairs, sequence_logprob
+from rlhf.comparisons import Pair, preference_pairs
+from rlhf.dpo import dpo_loss, ipo_loss, logratio_margin, sequence_logprob
 from rlhf.objectives import (group_advantages, grpo_loss, k3_kl, leave_one_out_advantages, per_token,
                              reinforce_pp_advantages, returns_to_go, sequence_mean, token_sum_norm)
 from rlhf.params import ParamError, PolicyParams, TasksParams, load_params
@@ -149,7 +150,7 @@ def test_preference_pairs_orient_the_winner_and_count_the_ties():
     pairs, ties = preference_pairs(frame, "test.parquet")
     assert pairs == [Pair("p", "a1", "b1"), Pair("q", "b2", "a2")] and ties == 1
     frame.loc[0, "chosen"] = None
-    with pytest.raises(ParamError, match=r"test.parquet: 1 row\(s\) have no valid `chosen` \(the first is pair_id '1'\)"):
+    with pytest.raises(ParamError, match=r"test.parquet: 1 row\(s\) have no valid `chosen` \(the first, pair_id '1', has"):
         preference_pairs(frame, "test.parquet")
 
 
