@@ -138,9 +138,14 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
         draw = torch.rand(cdf.size(0), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
         return torch.searchsorted(cdf, draw, right=True).clamp_(max=cdf.size(-1) - 1).squeeze(-1)
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)))[0][..., -1, None]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    if top_p < 1.0:
+        top, top_ids = torch.topk(logits, min(top_k, logits.size(-1)))  # descending
+        logits = logits.masked_fill(logits < top[..., -1:], -float("inf"))
+        if top_p < 1.0:  # the nucleus among the k survivors: sorting k values, not the vocabulary (2x a step)
+            ascending, order = top.flip(-1), top_ids.flip(-1)
+            outside = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p  # the least likely, mass ≤ 1 − p
+            outside[..., -1:] = False  # the most likely token always stays
+            logits = logits.scatter(1, order, ascending.masked_fill(outside, -float("inf")))
+    elif top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=False)
         outside = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p  # the least likely tokens, mass ≤ 1 − p
         outside[..., -1:] = False  # the most likely token always stays
