@@ -106,6 +106,13 @@ def load_source_model(params: ModelParams) -> tuple[PreTrainedModel, PreTrainedT
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a checkpoint folder a stage wrote (never a hub download: a missing folder is an error)."""
+    if not (Path(path) / "tokenizer_config.json").exists():
+        raise FileNotFoundError(
+            f"no tokenizer at {path} (tokenizer_config.json is missing). Run the stage that writes it (`dvc repro "
+            "prepare` for models/base, `dvc repro sft` for models/sft, `dvc repro reward_model` for models/reward), or "
+            "`dvc checkout` to restore the last good one."
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
