@@ -27,7 +27,7 @@ from rlhf.prompts import held_out_prompts
 from rlhf.registry import champion_checkpoint, champion_version
 from rlhf.rewards import load_reward_model, normalised, score_responses
 from rlhf.judges import judge_name, judge_pairs, make_judge
-from rlhf.rollouts import (Rollouts, encode_queries, eos_ids, heldout_rollouts, kl_per_response, policy_forward,
+from rlhf.rollouts import (Rollouts, eos_ids, greedy_replies, heldout_rollouts, kl_per_response, policy_forward,
                            sample_responses)
 from rlhf.stats import win_rate_figures
 from rlhf.stage import run_stage
@@ -78,17 +78,6 @@ def policies_to_evaluate(champion_name: str) -> dict[str, Path]:
     except Exception as error:  # no registered model or no alias yet: the first cycle
         log.info("no champion to compare with (%s)", error)
     return policies
-
-
-def greedy_responses(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Each prompt's greedy reply (the verifier's headline figure is pass@1 at temperature 0)."""
-    device, stop, replies = next(model.parameters()).device, eos_ids(model, tokenizer), []
-    for start in range(0, len(prompts), batch_size):
-        query, query_mask = encode_queries(tokenizer, prompts[start:start + batch_size], 512, device)
-        responses, mask, _ = sample_responses(model, query, query_mask, max_new_tokens, 0.0, stop,
-                                              tokenizer.pad_token_id)
-        replies += [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses, mask)]
-    return replies
 
 
 def outcome_of_correctness(challenger_correct: bool, opponent_correct: bool) -> str:
@@ -143,7 +132,8 @@ def evaluate_policies(params) -> dict:
             figures["toxicity_tokens_per_s"] = continuations.tokens_per_second
             if tasks:
                 gold[name] = gold_accuracy(
-                    lambda texts: greedy_responses(model, tokenizer, texts, e.verifier_max_new_tokens, e.batch_size),
+                    lambda texts: greedy_replies(model, tokenizer, texts, e.verifier_max_new_tokens, e.batch_size,
+                                                 e.max_prompt_len, eos_ids(model, tokenizer), model.device),
                     tasks, params.tasks.instruction, e.win_rate_confidence)
                 figures.update(gold_accuracy=gold[name].accuracy, gold_accuracy_lower=gold[name].lower,
                                gold_accuracy_upper=gold[name].upper)

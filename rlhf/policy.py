@@ -62,8 +62,8 @@ from rlhf.prompts import PromptSampler, held_out_prompts, load_train_prompts
 from rlhf.resume import checkpoint_path, fingerprint, load_latest_state, restore_rng, rng_states, save_state
 from rlhf.reward_sources import RM, RewardSources, part_means, scores_prompt, weighted_reward
 from rlhf.rewards import load_reward_model, pad_right, rewards as reward_at_last
-from rlhf.rollouts import (Rollouts, build_sampler, encode_queries, eos_ids, heldout_rollouts, kl_per_response,
-                           lora_merged, policy_forward, refreshed, sample_responses)
+from rlhf.rollouts import (Rollouts, build_sampler, encode_queries, eos_ids, greedy_replies, heldout_rollouts,
+                           kl_per_response, lora_merged, policy_forward, refreshed, sample_responses)
 from rlhf.stage import log_step, run_stage
 from rlhf.stats import wilson_interval
 from rlhf.verifiers import (GoldAccuracy, Task, accuracy_difference, gold_accuracy, heldout_tasks, task_prompt,
@@ -315,15 +315,9 @@ def measure(models: Models, params: PolicyParams, prompts: list[str], gold: Sequ
         return kl_per_response(logp, logp_ref, mask)
 
     def greedy(task_prompts: list[str]) -> list[str]:
-        texts = []
-        for start in range(0, len(task_prompts), params.batch_size):
-            query, query_mask = encode_queries(tok, task_prompts[start:start + params.batch_size], params.max_prompt_len,
-                                               acc.device)
-            with context():
-                responses, mask, _ = sample_responses(model, query, query_mask, params.max_new_tokens, 1.0,
-                                                      models.stop_ids, tok.pad_token_id, top_k=1)
-            texts += [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses, mask)]
-        return texts
+        with context():
+            return greedy_replies(model, tok, task_prompts, params.max_new_tokens, params.batch_size,
+                                  params.max_prompt_len, models.stop_ids, acc.device)
 
     with rng_untouched(), acc.autocast():
         rollouts = heldout_rollouts(prompts, tok, sample, score, None if sft else kl, params.batch_size,

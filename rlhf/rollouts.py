@@ -264,6 +264,21 @@ def policy_forward(model, query, query_mask, responses, response_mask, temperatu
     return logp.view(responses.shape), entropy.view(responses.shape), hidden
 
 
+
+@torch.no_grad()
+def greedy_replies(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int, max_prompt_len: int,
+                   stop_ids: Sequence[int], device) -> list[str]:
+    """Each prompt's greedy reply (temperature 0), `batch_size` prompts a decoding call: the verifier's gold
+    accuracy is pass@1 of these."""
+    replies = []
+    for start in range(0, len(prompts), batch_size):
+        query, query_mask = encode_queries(tokenizer, prompts[start:start + batch_size], max_prompt_len, device)
+        responses, mask, _ = sample_responses(model, query, query_mask, max_new_tokens, 0.0, stop_ids,
+                                              tokenizer.pad_token_id)
+        replies += [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses, mask)]
+    return replies
+
+
 # ------------------------------------------------------------------------------------------------
 # Held-out rollouts
 # ------------------------------------------------------------------------------------------------
