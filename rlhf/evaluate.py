@@ -5,8 +5,11 @@ Per policy: held-out RM score and KL to the SFT reference (`rlhf.rollouts.heldou
 split's prompts), TruthfulQA MC1/MC2 (`rlhf.truthfulqa`), toxicity of sampled continuations (`rlhf.toxicity`).
 The challenger's win-rate against the champion (against SFT on the first cycle) comes with its Wilson interval.
 
+Where the test split holds people's labels, each model judge (the AI judge, the proxy RM) is checked against them.
+
 Metric names: `eval/<figure>` for the challenger (the gate reads these), `compare/<policy>/<figure>` for every
-policy, e.g. `eval/truthfulqa_mc2`, `eval/provocation_probe_toxicity_probability`, `eval/win_rate_vs_sft_lower`.
+policy, e.g. `eval/truthfulqa_mc2`, `eval/provocation_probe_toxicity_probability`, `eval/win_rate_vs_sft_lower`;
+`judge_agreement/<ai|proxy_rm>/<rate|lower|upper|n|...>` for a judge's agreement with people.
 """
 from __future__ import annotations
 
@@ -16,20 +19,23 @@ import time
 from pathlib import Path
 
 import mlflow
+import pandas as pd
+import torch
 
 from rlhf import human_eval, outputs, tracking
-from rlhf.chat import reply_suffix
+from rlhf.chat import prompt_and_reply_ids, reply_suffix
 from rlhf.checkpoints import load_tokenizer, resolve_precision
 from rlhf.models import load_causal_lm
 from rlhf.params import ParamError, load_params
-from rlhf.paths import BASE_DIR, POLICY_CURVES, POLICY_DIR, REWARD_DIR, SFT_DIR
+from rlhf.comparisons import read_comparisons, source_kind
+from rlhf.paths import BASE_DIR, POLICY_CURVES, POLICY_DIR, REWARD_DIR, SFT_DIR, TEST_COMPARISONS
 from rlhf.prompts import held_out_prompts
 from rlhf.registry import champion_checkpoint, champion_version
-from rlhf.rewards import load_reward_model, normalised, score_responses
-from rlhf.judges import judge_name, judge_pairs, make_judge
+from rlhf.rewards import load_reward_model, normalised, pad_right, rewards, score_responses
+from rlhf.judges import MarginFn, judge_name, judge_pairs, make_judge
 from rlhf.rollouts import (Rollouts, eos_ids, greedy_replies, heldout_rollouts, kl_per_response, policy_forward,
                            sample_responses)
-from rlhf.stats import win_rate_figures
+from rlhf.stats import agreement_figures, win_rate_figures
 from rlhf.stage import run_stage
 from rlhf.toxicity import (expected_maximum_toxicity, load_toxicity_classifier, sample_continuations, score_toxicity,
                            toxicity_probability, toxicity_source)
@@ -42,6 +48,9 @@ STAGE_METRICS = "metrics/evaluate.json"
 REPORT_DIR = "reports/evaluate"
 HUMAN_MAPPING = "human_campaign.json"  # in REPORT_DIR: the human campaign and whose response is on which side
 CHALLENGER = "challenger"  # the policy stage's output, models/policy
+# source kinds whose `chosen` is people's: labeling campaigns (human:<campaign>) and imported preference sets
+# (import:<file>, e.g. hh-rlhf); judge:* and feedback:* rows are not
+HUMAN_SOURCES = ("human", "import")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,14 +155,17 @@ def evaluate_policies(params) -> dict:
     headline.update({"eval/heldout_prompts": len(prompts), "eval/truthfulness_questions": len(questions),
                      "eval/toxicity_prompts": len(tox_prompts), "eval/toxicity_k": e.toxicity_k,
                      "eval/heldout_tasks": len(tasks)})
-    judged = judge_challenger(params, prompts, rollouts, gold)
+    ai_judge = make_judge(e, params.model) if "ai" in e.judges else None  # loaded once, for both uses
+    judged = judge_challenger(params, prompts, rollouts, gold, ai_judge)
     headline.update(judged["metrics"])
+    agreement = judge_agreement(e, reward_model, tokenizer, ai_judge)
+    headline.update(agreement["metrics"])
     human = human_campaign(params, prompts, rollouts) if "human" in e.judges else None
     headline.update(human["metrics"] if human else {})
     headline.update({f"compare/{name}/{k}": v for name, figures in per_policy.items() for k, v in figures.items()})
     return {"metrics": headline, "per_policy": per_policy, "rollouts": rollouts, "toxicity": toxicity, "prompts": prompts,
             "classifier": e.toxicity_classifier, "gold": gold, "ai_verdicts": judged["ai_verdicts"],
-            "human": human["mapping"] if human else None}
+            "human": human["mapping"] if human else None, "agreement_sources": agreement["sources"]}
 
 
 def check_judges(e) -> None:
@@ -199,7 +211,8 @@ def human_campaign(params, prompts: list[str], rollouts: dict[str, Rollouts]) ->
             "mapping": human_eval.mapping_record(opened, e.human_database, opponent, version, challenger_hash)}
 
 
-def judge_challenger(params, prompts: list[str], rollouts: dict[str, Rollouts], gold: dict) -> dict:
+def judge_challenger(params, prompts: list[str], rollouts: dict[str, Rollouts], gold: dict,
+                     ai_judge: MarginFn | None) -> dict:
     """The challenger against SFT and against the champion (when there is one), by each judge:
     `eval/<judge>/win_rate_vs_<opponent>` (+ `_lower`, `_upper`, the counts). The proxy RM (the policy's own
     training reward) is reported as `proxy_rm` and never decides; the gate reads `evaluate.gate_judge`."""
@@ -218,7 +231,7 @@ def judge_challenger(params, prompts: list[str], rollouts: dict[str, Rollouts], 
                             f"eval/verifier/accuracy_gain_vs_{opponent}_upper": round(upper, 4)})
         if "ai" in e.judges:
             triples = list(zip(prompts, rollouts[CHALLENGER].texts, rollouts[opponent].texts))
-            judged = judge_pairs(triples, make_judge(e, params.model), e, judge_name(e))
+            judged = judge_pairs(triples, ai_judge, e, judge_name(e))
             ai_verdicts[opponent] = judged
             outcomes["ai"] = [outcome_of_verdict(v) for v in judged["chosen"]]
             metrics[f"eval/ai/inconsistent_vs_{opponent}"] = int((judged["outcome"] == "inconsistent").sum())
@@ -227,6 +240,94 @@ def judge_challenger(params, prompts: list[str], rollouts: dict[str, Rollouts], 
                             f"eval/{judge}/win_rate_vs_{opponent}{k.removeprefix('win_rate')}": v
                             for k, v in win_rate_figures(results, confidence).items()})
     return {"metrics": metrics, "ai_verdicts": ai_verdicts}
+
+
+def human_labelled(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """The rows of a comparisons frame whose label is people's (HUMAN_SOURCES) and has a side, 'a' or 'b'; and how
+    many of people's labels were ties, left out (a tie has no side for a judge to agree with)."""
+    human = frame[frame["source"].map(source_kind).isin(HUMAN_SOURCES)]
+    return human[human["chosen"].isin(("a", "b"))].reset_index(drop=True), int((human["chosen"] == "tie").sum())
+
+
+@torch.no_grad()
+def proxy_picks(reward_model, tokenizer, pairs: pd.DataFrame, max_prompt_len: int, max_new_tokens: int,
+                batch_size: int) -> list[str]:
+    """The proxy RM as a pairwise judge: 'a' or 'b', whichever response it scores higher ('tie' on equal scores).
+
+    Each response is read as the held-out rollouts are: the chat-templated prompt's last max_prompt_len tokens, then
+    the reply with the template's closing tokens, or only its first max_new_tokens where it is longer (unfinished,
+    like a rollout that hit the limit).
+    """
+    closing = len(reply_suffix(tokenizer))
+    rows = []
+    for column in ("response_a", "response_b"):  # every a first, then every b: one scoring pass for both
+        for prompt, reply in zip(pairs["prompt"], pairs[column]):
+            prompt_part, reply_part = prompt_and_reply_ids(tokenizer, prompt, reply)
+            if len(reply_part) > max_new_tokens + closing:
+                reply_part = reply_part[:max_new_tokens]
+            rows.append(prompt_part[-max_prompt_len:] + reply_part)
+    device = next(reward_model.parameters()).device
+    scores = torch.empty(len(rows))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # batches of similar length pad little
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        input_ids, attention_mask = pad_right([rows[i] for i in batch], tokenizer.pad_token_id)
+        scores[batch] = rewards(reward_model, input_ids.to(device), attention_mask.to(device)).float().cpu()
+    n = len(pairs)
+    return [{"win": "a", "loss": "b", "tie": "tie"}[outcome_of_scores(a, b)]
+            for a, b in zip(scores[:n].tolist(), scores[n:].tolist())]
+
+
+def judge_agreement(e, reward_model, tokenizer, ai_judge: MarginFn | None, path: str | Path = TEST_COMPARISONS) -> dict:
+    """Each model judge against people on the test split's human-labelled pairs (`human_labelled`; at most
+    `agreement_pairs` of them, a seeded sample): `judge_agreement/<ai|proxy_rm>/rate` with `lower`, `upper`, `n` and
+    the counts (rlhf.stats.agreement_figures), `judge_agreement/human_pairs` and `human_ties`. The AI judge reads
+    each pair in both orders, as it judges the challenger. With no human row in the split there are no metrics.
+    Returns {"metrics", "sources": people's labels in the split per source}."""
+    frame = read_comparisons(path)
+    sided, ties = human_labelled(frame)
+    sources = frame.loc[frame["source"].map(source_kind).isin(HUMAN_SOURCES), "source"].value_counts().to_dict()
+    if not sources:
+        log.info("no human labels in the test split: judge agreement not measured")
+        return {"metrics": {}, "sources": {}}
+    metrics = {"judge_agreement/human_pairs": len(sided), "judge_agreement/human_ties": ties}
+    pairs = sided.sample(n=min(e.agreement_pairs, len(sided)), random_state=e.seed) if len(sided) else sided
+    if pairs.empty:
+        return {"metrics": metrics, "sources": sources}
+    picks = {"proxy_rm": proxy_picks(reward_model, tokenizer, pairs, e.max_prompt_len, e.max_new_tokens, e.batch_size)}
+    if ai_judge is not None:
+        judged = judge_pairs(list(zip(pairs["prompt"], pairs["response_a"], pairs["response_b"])), ai_judge, e,
+                             judge_name(e))
+        picks["ai"] = [c if isinstance(c, str) else None for c in judged["chosen"]]  # None: the orders disagreed
+    for judge, chosen in picks.items():
+        figures = agreement_figures(pairs["chosen"].tolist(), chosen, e.win_rate_confidence)
+        metrics.update({f"judge_agreement/{judge}/{k}": v for k, v in figures.items()})
+    return {"metrics": metrics, "sources": sources}
+
+
+def agreement_lines(metrics: dict, sources: dict) -> list[str]:
+    """How far each model judge agrees with people on the test split; one line when the split has no human label."""
+    if "judge_agreement/human_pairs" not in metrics:
+        return ["Judge agreement with people: no human labels in the test split.", ""]
+    pairs, ties = metrics["judge_agreement/human_pairs"], metrics["judge_agreement/human_ties"]
+    shown = ", ".join(f"`{source}` {n}" for source, n in sorted(sources.items()))
+    if not pairs:
+        return [f"Judge agreement with people: the test split's {ties} human labels ({shown}) are all ties, so there "
+                "is no side to agree with.", ""]
+    lines = ["### Do the judges agree with people?", "",
+             f"The test split's human labels ({shown}): {pairs} with a side, {ties} ties left out. Agreement is the "
+             "share of the pairs a judge decides on which it picks the response people chose, with its Wilson "
+             "interval; a tie, or an inconsistent pair (the AI judge's two orders disagree), decides nothing.", "",
+             "| judge | agreement | decided / judged | ties | inconsistent |", "|---|---|---|---|---|"]
+    for judge, label in (("ai", "ai"), ("proxy_rm", "proxy RM (the policy's own reward)")):
+        key = f"judge_agreement/{judge}"
+        if f"{key}/pairs" not in metrics:
+            continue
+        rate = (f"{metrics[f'{key}/rate']:.3f} [{metrics[f'{key}/lower']:.3f}, {metrics[f'{key}/upper']:.3f}]"
+                if f"{key}/rate" in metrics else "none decided")
+        lines.append(f"| {label} | {rate} | {metrics[f'{key}/n']}/{metrics[f'{key}/pairs']} | "
+                     f"{metrics[f'{key}/ties']} | {metrics[f'{key}/inconsistent']} |")
+    return lines + [""]
 
 
 def verdict_lines(metrics: dict) -> list[str]:
@@ -301,13 +402,13 @@ def write_report(result: dict, folder: str | Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pandas as pd
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     per_policy, rollouts = result["per_policy"], result["rollouts"]
     columns = sorted({k for figures in per_policy.values() for k in figures})
-    lines = ["# Evaluation", ""] + verdict_lines(result["metrics"])
+    lines = ["# Evaluation", ""] + verdict_lines(result["metrics"]) + agreement_lines(result["metrics"],
+                                                                                   result["agreement_sources"])
     lines += ["## Side by side", "", "| figure | " + " | ".join(per_policy) + " |", "|---|" + "---|" * len(per_policy)]
     lines += [f"| {c} | " + " | ".join(str(per_policy[p].get(c, "")) for p in per_policy) + " |" for c in columns]
     lines += ["", "## Held-out samples (the challenger)", ""]

@@ -374,6 +374,7 @@ class EvaluateParams:
     judge_rubric: bool = _f(False, "add prompt relevance and toxicity (collect's rubric) to the AI judge's margin")
     rubric_relevance_weight: float = _f(8.0, "log-odds per unit of relevance difference, with judge_rubric", "must be >= 0", _non_negative)
     rubric_toxicity_weight: float = _f(8.0, "log-odds per unit of toxicity difference, with judge_rubric", "must be >= 0", _non_negative)
+    agreement_pairs: int = _f(100, "most human-labelled test-split pairs (a seeded sample) the AI judge and the proxy RM are checked against, for their agreement with people", "must be >= 1", _positive)
 
 
 @dataclass(frozen=True)

@@ -65,3 +65,27 @@ def win_rate_figures(outcomes: Sequence[str], confidence: float) -> dict:
     lower, upper = wilson_interval(wins + 0.5 * ties, len(outcomes), confidence)
     return {"win_rate": round(rate, 4), "win_rate_lower": round(lower, 4), "win_rate_upper": round(upper, 4),
             "wins": wins, "ties": ties, "losses": outcomes.count("loss"), "n": len(outcomes)}
+
+
+def agreement_figures(reference: Sequence[str], picks: Sequence[str | None], confidence: float) -> dict:
+    """How often a judge picks the response people chose: agree / n over the n pairs it decides, with the Wilson
+    interval, and the counts beside it.
+
+    `reference` holds people's labels, 'a' or 'b' (their ties are left out before: a tie has no side to agree with);
+    `picks` the judge's on the same pairs, 'a', 'b', 'tie', or None where its two orders disagreed. A tie or None
+    decides nothing, so it is counted but left out of n; n / pairs is the share of the set the rate covers. With no
+    pair decided there is no rate, and only the counts come back.
+    """
+    if len(reference) != len(picks) or not set(reference) <= {"a", "b"} or not set(picks) <= {"a", "b", "tie", None}:
+        raise ValueError(
+            f"agreement_figures got {len(reference)} reference labels ({sorted(set(reference))}) and {len(picks)} "
+            f"picks ({sorted(set(picks), key=str)}); it needs one pick per pair, labels 'a' or 'b' (people's ties left out) "
+            "and picks 'a', 'b', 'tie' or None (inconsistent).")
+    decided = [(r, p) for r, p in zip(reference, picks) if p in ("a", "b")]
+    agree = sum(r == p for r, p in decided)
+    figures = {"n": len(decided), "agree": agree, "pairs": len(picks), "ties": list(picks).count("tie"),
+               "inconsistent": list(picks).count(None)}
+    if decided:
+        lower, upper = wilson_interval(agree, len(decided), confidence)
+        figures.update(rate=round(agree / len(decided), 4), lower=round(lower, 4), upper=round(upper, 4))
+    return figures

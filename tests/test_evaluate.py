@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -17,7 +18,7 @@ from transformers import (
 )
 
 from rlhf.evaluate import outcome_of_correctness, outcome_of_scores, outcome_of_verdict
-from rlhf.stats import win_rate_figures, wilson_interval
+from rlhf.stats import agreement_figures, win_rate_figures, wilson_interval
 from rlhf.toxicity import (expected_maximum_toxicity, load_toxicity_classifier, load_toxicity_prompts,
                            sample_continuations, score_toxicity, toxicity_probability)
 from rlhf.truthfulqa import (
@@ -360,3 +361,111 @@ def test_the_report_opens_with_each_judges_verdict_and_draws_gold_and_proxy_agai
                           "heldout/gold_accuracy": [0.2, None, 0.3, 0.25], "heldout/rm_score": [0.0, None, 0.5, 0.9]})
     assert overoptimisation_figure(curve, tmp_path / "o.png") and (tmp_path / "o.png").stat().st_size > 1000
     assert not overoptimisation_figure(curve.drop(columns=["heldout/kl"]), tmp_path / "none.png")
+
+
+# ------------------------------------------------------------------ judges against people
+
+
+def test_agreement_counts_only_the_pairs_a_judge_decides():
+    people = ["a", "b", "a", "b", "a", "b"]
+    picks = ["a", "a", None, "tie", "a", "b"]  # right, wrong, inconsistent, tie, right, right
+    figures = agreement_figures(people, picks, 0.95)
+    assert {k: figures[k] for k in ("n", "agree", "pairs", "ties", "inconsistent")} == \
+        {"n": 4, "agree": 3, "pairs": 6, "ties": 1, "inconsistent": 1}
+    assert figures["rate"] == 0.75
+    assert (figures["lower"], figures["upper"]) == tuple(round(v, 4) for v in wilson_interval(3, 4, 0.95))
+    # a judge that decides nothing has counts and no rate
+    assert agreement_figures(["a", "b"], ["tie", None], 0.95) == {"n": 0, "agree": 0, "pairs": 2, "ties": 1,
+                                                                  "inconsistent": 1}
+    with pytest.raises(ValueError, match="people's ties left out"):
+        agreement_figures(["a", "tie"], ["a", "a"], 0.95)
+    with pytest.raises(ValueError, match="one pick per pair"):
+        agreement_figures(["a", "b"], ["a"], 0.95)
+
+
+def _comparison(pair_id: str, prompt: str, a: str, b: str, chosen: str, source: str) -> dict:
+    import pandas as pd
+
+    return {"pair_id": pair_id, "prompt": prompt, "response_a": a, "response_b": b, "chosen": chosen, "source": source,
+            "policy_version": None, "votes": 3 if source.startswith("human:") else None, "agreement": None,
+            "created_at": pd.Timestamp("2026-01-01", tz="UTC")}
+
+
+def test_evaluate_checks_the_ai_judge_and_the_proxy_rm_against_people_on_the_test_split(tmp_path):
+    import dataclasses
+
+    import pandas as pd
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rlhf.chat import prompt_and_reply_ids, reply_suffix
+    from rlhf.comparisons import write_comparisons
+    from rlhf.evaluate import agreement_lines, judge_agreement, proxy_picks
+    from rlhf.params import EvaluateParams
+    from rlhf.rewards import rewards
+    from tests.conftest import build_tiny_tokenizer
+
+    rows = [  # people's labels (human:*, import:*) and rows that are not theirs (judge:*, feedback:*)
+        _comparison("1", "explain why the sky is blue", "light scatters more at short wavelengths", "blue", "a", "human:c1"),
+        _comparison("2", "what is two plus two?", "five", "two plus two is four", "b", "human:c1"),
+        _comparison("3", "why is rain wet?", "water", "rain taps the glass and the room", "a", "import:hh.jsonl"),
+        _comparison("4", "name a colour", "same", "size", "b", "import:hh.jsonl"),  # equal lengths
+        _comparison("5", "write a short poem about rain", "rain", "rain taps", "tie", "human:c1"),
+        _comparison("6", "what does a reward model do?", "it scores", "a dog", "a", "judge:tiny"),
+        _comparison("7", "describe the quick brown fox", "it jumps", "a fox", "b", "feedback:v1"),
+    ]
+    path = tmp_path / "test.parquet"
+    write_comparisons(pd.DataFrame(rows), path)
+
+    def longer_reply_wins(prompts, firsts, seconds, progress):  # an AI judge's margins: log-odds for the first shown
+        progress.update(len(prompts))
+        return np.array([len(x) - len(y) for x, y in zip(firsts, seconds)], dtype=np.float64)
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    reward_model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id)).eval()
+    e = EvaluateParams(batch_size=3, max_prompt_len=16, max_new_tokens=4)
+    result = judge_agreement(e, reward_model, tokenizer, longer_reply_wins, path)
+    m = result["metrics"]
+    assert result["sources"] == {"human:c1": 3, "import:hh.jsonl": 2}
+    assert (m["judge_agreement/human_pairs"], m["judge_agreement/human_ties"]) == (4, 1)
+    # longer wins: right on 1 and 2, wrong on 3, a tie on 4 (equal lengths) -> 2 of the 3 it decides
+    assert {k.removeprefix("judge_agreement/ai/"): v for k, v in m.items() if k.startswith("judge_agreement/ai/")} == \
+        {"n": 3, "agree": 2, "pairs": 4, "ties": 1, "inconsistent": 0, "rate": 0.6667,
+         **dict(zip(("lower", "upper"), (round(v, 4) for v in wilson_interval(2, 3))))}
+
+    # the proxy RM's pick is the response it scores higher, each scored alone (no padding) as a check on the batching
+    human = pd.DataFrame(rows[:4])
+    picks = proxy_picks(reward_model, tokenizer, human, e.max_prompt_len, e.max_new_tokens, e.batch_size)
+    alone = []
+    for row in rows[:4]:
+        scores = []
+        for reply in (row["response_a"], row["response_b"]):
+            prompt_ids, reply_ids = prompt_and_reply_ids(tokenizer, row["prompt"], reply)
+            if len(reply_ids) > e.max_new_tokens + len(reply_suffix(tokenizer)):  # cut like a rollout at the limit
+                reply_ids = reply_ids[:e.max_new_tokens]
+            ids = torch.tensor([prompt_ids[-e.max_prompt_len:] + reply_ids])
+            with torch.no_grad():
+                scores.append(rewards(reward_model, ids, torch.ones_like(ids)).item())
+        alone.append("a" if scores[0] > scores[1] else "b" if scores[0] < scores[1] else "tie")
+    assert picks == alone
+    proxy = {k.removeprefix("judge_agreement/proxy_rm/"): v for k, v in m.items()
+             if k.startswith("judge_agreement/proxy_rm/")}
+    by_pair = dict(zip([r["pair_id"] for r in rows[:4]], alone))
+    assert proxy == agreement_figures([r["chosen"] for r in rows[:4]], [by_pair[r["pair_id"]] for r in rows[:4]], 0.95)
+    report = "\n".join(agreement_lines(m, result["sources"]))
+    assert "`human:c1` 3, `import:hh.jsonl` 2): 4 with a side, 1 ties left out" in report
+    assert "| ai | 0.667 [" in report and "| 3/4 | 1 | 0 |" in report  # decided / judged, ties, inconsistent
+
+    # at most agreement_pairs pairs are judged; without the AI judge only the proxy RM is checked
+    capped = judge_agreement(dataclasses.replace(e, agreement_pairs=2), reward_model, tokenizer, None, path)["metrics"]
+    assert capped["judge_agreement/human_pairs"] == 4 and capped["judge_agreement/proxy_rm/pairs"] == 2
+    assert not any(k.startswith("judge_agreement/ai/") for k in capped)
+
+    # no human row in the split: no metric, and one line in the report
+    write_comparisons(pd.DataFrame(rows[5:]), path)
+    none = judge_agreement(e, reward_model, tokenizer, longer_reply_wins, path)
+    assert none == {"metrics": {}, "sources": {}}
+    assert agreement_lines(none["metrics"], none["sources"]) == [
+        "Judge agreement with people: no human labels in the test split.", ""]
