@@ -31,7 +31,7 @@ from transformers import set_seed
 from rlhf import tracking
 from rlhf.chat import render_prompt
 from rlhf.checkpoints import load_tokenizer, resolve_precision
-from rlhf.comparisons import COLUMNS, read_comparisons, write_comparisons
+from rlhf.comparisons import COLUMNS, VERIFIER_SOURCE, read_comparisons, write_comparisons
 from rlhf.importers import QUARANTINE_SCHEMA, import_comparisons, read_records, write_quarantine
 from rlhf.judges import judge_name, judge_pairs, judge_summary, make_judge
 from rlhf.models import load_causal_lm
@@ -229,7 +229,7 @@ def policy_comparisons(params, created_at: pd.Timestamp):
         "pair_id": [hashlib.sha256("\x00".join((version, *t)).encode()).hexdigest()[:16] for t in ordered],
         "prompt": [t[0] for t in ordered], "response_a": [t[1] for t in ordered], "response_b": [t[2] for t in ordered],
         "chosen": judged["chosen"].tolist(),
-        "source": [f"judge:{judge}"] * len(open_ended) + ["judge:verifier"] * len(verifiable),
+        "source": [f"judge:{judge}"] * len(open_ended) + [VERIFIER_SOURCE] * len(verifiable),
         "policy_version": version, "votes": None, "agreement": None, "created_at": created_at,
     }, columns=list(COLUMNS))
     judged.insert(0, "pair_id", rows["pair_id"])

@@ -18,6 +18,7 @@ from rlhf.params import ParamError
 
 CHOICES = ("a", "b", "tie")
 SOURCE_KINDS = ("human", "judge", "import", "feedback")
+VERIFIER_SOURCE = "judge:verifier"  # a verifiable task's pair, judged by its programmatic checker
 
 # column -> (arrow type, nullable, meaning)
 COLUMNS = {

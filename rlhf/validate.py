@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from rlhf import tracking
 from rlhf.chat import template_tokens
 from rlhf.checkpoints import load_tokenizer, resolve_precision
-from rlhf.comparisons import COLUMNS, SCHEMA, SOURCE_KINDS, write_comparisons
+from rlhf.comparisons import COLUMNS, SCHEMA, SOURCE_KINDS, VERIFIER_SOURCE, write_comparisons
 from rlhf.outputs import together
 from rlhf.params import ParamError, ValidateParams, load_params
 from rlhf.paths import BASE_DIR, COLLECTED, TEST_COMPARISONS, TRAIN_COMPARISONS, VAL_COMPARISONS
@@ -182,9 +182,15 @@ def load_embedder():
     return embed
 
 
-def leak_similarity(prompts: list, splits: list[str], embed) -> np.ndarray:
-    """For a held-out row, the highest cosine between its prompt and any training prompt; NaN for train rows."""
-    usable = [isinstance(p, str) and bool(p.strip()) for p in prompts]
+def leak_similarity(prompts: list, splits: list[str], embed, templated: list[bool] | None = None) -> np.ndarray:
+    """For a held-out row, the highest cosine between its prompt and any training prompt; NaN for train rows.
+
+    `templated` rows (verifiable tasks, judged by their verifier) are left out on both sides, NaN: their prompts
+    share one template and differ in the numbers that make them different tasks ("Calculate 3 + 4." and
+    "Calculate 5 + 2." are 0.97 apart), and the split, a hash of the prompt, already keeps each question on one side.
+    """
+    templated = templated or [False] * len(prompts)
+    usable = [isinstance(p, str) and bool(p.strip()) and not t for p, t in zip(prompts, templated)]
     train = sorted({p for p, s, ok in zip(prompts, splits, usable) if ok and s == "train"})
     held = sorted({p for p, s, ok in zip(prompts, splits, usable) if ok and s != "train"})
     best = dict.fromkeys(held, -1.0)
@@ -301,7 +307,8 @@ def validate_comparisons(frame: pd.DataFrame, utf8_valid: np.ndarray, params: Va
     rows["n_tokens"] = pair_tokens(tokenizer, rows["prompt"], rows["response_a"], rows["response_b"], params.max_tokens)
     rows["split"] = [split_of(p, params.seed, params.val_fraction, params.test_fraction) if isinstance(p, str) else "train"
                      for p in rows["prompt"]]
-    rows["leak_similarity"] = leak_similarity(rows["prompt"].tolist(), rows["split"].tolist(), embed)
+    rows["leak_similarity"] = leak_similarity(rows["prompt"].tolist(), rows["split"].tolist(), embed,
+                                              (rows["source"] == VERIFIER_SOURCE).tolist())
     checker.run("row", rows, {"max_tokens": params.max_tokens, "min_votes": params.min_votes,
                               "near_duplicate_threshold": params.near_duplicate_threshold,
                               "source_pattern": rf"^(?:{'|'.join(SOURCE_KINDS)}):\S"})

@@ -15,7 +15,7 @@ import yaml
 from rlhf.comparisons import COLUMNS, read_comparisons, write_comparisons
 from rlhf.params import ValidateParams
 from rlhf.validate import (Checker, DatasetRejected, load_embedder, load_suite, position_balance_bounds,
-                           read_collected, split_of, token_count, validate_comparisons)
+                           leak_similarity, read_collected, split_of, token_count, validate_comparisons)
 
 from .conftest import build_tiny_tokenizer
 
@@ -243,3 +243,19 @@ def test_stage_main_writes_splits_quarantine_and_mlflow_artifacts(tmp_path, tiny
     assert run.data.metrics["validate/quarantined/invalid_utf8"] == 1
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "data_docs")}
     assert {"data_docs/index.html", "data_docs/validation_results.json"} <= artifacts
+
+
+def test_verifiable_tasks_that_differ_only_in_their_numbers_are_not_leaks(embed):
+    # two arithmetic tasks share their template, so MiniLM finds them near-copies; they are different questions
+    task = "Calculate {} + {}. Give only the final answer."
+    prompts = [task.format(a, b) for a in range(1, 10) for b in range(1, 10)]
+    splits = [split_of(p, PARAMS.seed, PARAMS.val_fraction, PARAMS.test_fraction) for p in prompts]
+    assert {"train", "test"} <= set(splits)
+    as_text = leak_similarity(prompts, splits, embed)
+    assert np.nanmax(as_text) > PARAMS.near_duplicate_threshold  # what quarantined held-out tasks before
+    as_tasks = leak_similarity(prompts, splits, embed, templated=[True] * len(prompts))
+    assert np.isnan(as_tasks).all()
+    # an open-ended held-out prompt is still checked, against the open-ended training prompts (none here: -1)
+    mixed = leak_similarity(prompts + ["What is a good name for a cat?"], splits + ["test"], embed,
+                            templated=[True] * len(prompts) + [False])
+    assert np.isnan(mixed[:-1]).all() and mixed[-1] == -1.0
