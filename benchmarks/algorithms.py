@@ -3,6 +3,7 @@
     nice -n 10 .venv/bin/python -m benchmarks.algorithms           # the full run (about 1.5-2 hours on 2 cores)
     nice -n 10 .venv/bin/python -m benchmarks.algorithms --quick   # a smoke run of a few minutes: its gold figures
                                                                    # are noise, its speeds only indicative
+    bash benchmarks/device_grpo.sh stage; bash benchmarks/device_grpo.sh run   # grpo on a lent GPU (see there)
 
 One process trains ppo, grpo, rloo, reinforce_pp and dpo with rlhf.policy's own `train`/`train_dpo`, one after the
 other, from the same SFT start (--sft, default models/sft), then runs TRL's trainers in the TRL venv
@@ -24,14 +25,17 @@ Per policy:
   verifier's accuracy with its Wilson interval; the gain over SFT with the paired interval
   (rlhf.verifiers.accuracy_difference), and per 1,000 samples;
 - samples/s and response tokens/s of the training loop (ours: the stage's `perf/iteration_seconds`, rollout and
-  update, no loading or measurement; TRL: a callback from on_train_begin to the last on_step_end);
+  update, no loading or measurement; TRL: a callback from on_train_begin to the last on_step_end); ours also
+  splits it: the rollouts' sampling (`generation_seconds`) against the rest (log-probs, reward, update);
 - peak RSS: ours sampled every 10 ms during `train` in this process, and its rise over the RSS just before (each
   run starts after the previous one's memory is freed, but the process's baseline creeps up run by run, so the
   memory ratios compare the rises); TRL's is the driver process's VmHWM, its whole life, loading included.
+  On a GPU, ours also reports the peak of torch's allocated CUDA memory during `train`.
 Before the timed runs one untimed ppo iteration warms the process up (thread pools, kernel caches, heap growth),
 which would otherwise land on whichever algorithm runs first.
 DPO: wall time per epoch (ours: the steps' time; TRL: its loop's), pairs/s.
-Writes benchmarks/results/algorithms.json (or --out) and an MLflow run in the `benchmarks` experiment.
+Writes benchmarks/results/algorithms.json (or --out) and an MLflow run in the `benchmarks` experiment (not with
+--no-mlflow: a lent GPU machine carries mlflow-skinny, which imports but has no SQLite store).
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ import argparse
 import ctypes
 import dataclasses
 import gc
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -52,7 +57,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from benchmarks.record import machine, save
+from benchmarks.record import RESULTS, machine, save
 from rlhf import policy, tracking
 from rlhf.chat import render_prompt
 from rlhf.checkpoints import load_tokenizer, resolve_precision
@@ -83,7 +88,13 @@ SIZES = {  # iterations, batch (responses), group size of grpo/rloo, minibatch, 
 # ------------------------------------------------------------------------------------------------
 
 def trl_python() -> Path:
-    """benchmarks/.venv-trl's python: made once, with trl 1.12.0 over the project venv's packages."""
+    """benchmarks/.venv-trl's python: made once, with trl 1.12.0 over the project venv's packages. Or this
+    python, when trl 1.12.0 is installed in it already (a machine with no package index, given trl's wheel)."""
+    try:
+        if importlib.metadata.version("trl") == TRL_PIN.removeprefix("trl=="):
+            return Path(sys.executable)
+    except importlib.metadata.PackageNotFoundError:
+        pass
     python = TRL_VENV / "bin" / "python"
     check = [str(python), "-c", "import sys, trl; sys.exit(trl.__version__ != '1.12.0')"]
     if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
@@ -139,15 +150,16 @@ def release_memory() -> None:
 @torch.no_grad()
 def gold(policy_dir: str, tasks, instruction: str, dtype: torch.dtype, max_new_tokens: int, batch: int = 32):
     """Greedy answers to the held-out tasks, checked by the verifier: rlhf.verifiers.GoldAccuracy."""
-    model = load_causal_lm(policy_dir, dtype=dtype).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_causal_lm(policy_dir, dtype=dtype).to(device).eval()
     tokenizer = load_tokenizer(policy_dir)
     stop = eos_ids(model, tokenizer)
 
     def generate(prompts):
         texts = []
         for start in range(0, len(prompts), batch):
-            query, query_mask = encode_queries(tokenizer, prompts[start:start + batch], 256, "cpu")
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            query, query_mask = encode_queries(tokenizer, prompts[start:start + batch], 256, device)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 responses, mask, _ = sample_responses(model, query, query_mask, max_new_tokens, 1.0, stop,
                                                       tokenizer.pad_token_id, top_k=1)
             texts += [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses, mask)]
@@ -171,16 +183,24 @@ def gold_figures(after, before, samples: int) -> dict:
 def run_ours(params, precision: str, sft: str, prompts: list[str], records: dict, heldout: list[str],
              work: Path) -> dict:
     out = work / f"ours-{params.algorithm}"
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     with PeakRss() as rss:
         result = policy.train(params, precision, sft, None, prompts, heldout, out, work / f"checkpoints-{params.algorithm}",
                               tasks=records)
     seconds = sum(row["perf/iteration_seconds"] for row in result["curve"])
     samples = params.iterations * params.batch_size
     tokens = sum(row["response/length"] for row in result["curve"]) * params.batch_size
+    # each iteration's sampling time, from its response tokens and the stage's generation tokens/s
+    generation = sum(row["response/length"] * params.batch_size / row["perf/generation_tokens_per_s"]
+                     for row in result["curve"])
     figures = {"policy_dir": str(out), "samples": samples, "train_seconds": seconds, "samples_per_s": samples / seconds,
                "response_tokens_per_s": tokens / seconds, "response_length": tokens / samples,
+               "generation_seconds": generation, "generation_fraction": generation / seconds,
                "train_reward": [row.get("reward/verifier") for row in result["curve"]],
                "peak_rss_mib": rss.peak, "rss_before_mib": rss.before, "rss_rise_mib": rss.peak - rss.before}
+    if torch.cuda.is_available():
+        figures["peak_cuda_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     del result
     release_memory()
     return figures
@@ -234,11 +254,12 @@ def run_trl(python: Path, trainer: str, params, dtype: torch.dtype, sft: str, wo
                 "max_grad_norm", "dpo_beta", "dpo_epochs", "seed")}, "weight_decay": ADAMW_WEIGHT_DECAY}}
     spec_path = work / f"trl-{trainer}.spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     tic = time.perf_counter()
     subprocess.run([str(python), str(DRIVER), str(spec_path)], check=True, cwd=REPO, env=env)
     result = json.loads(Path(spec["result_path"]).read_text())
-    result.pop("logs")
+    # TRL's own per-step wall time: the steps that generate (every update_epochs × batch/minibatch) include it
+    result["step_seconds"] = [log["step_time"] for log in result.pop("logs") if "step_time" in log]
     return {"policy_dir": str(out), **result, "process_seconds": time.perf_counter() - tic}
 
 
@@ -255,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
                             help=f"default {value} ({SIZES['quick'][key]} with --quick)")
     parser.add_argument("--out", default=None, help="the result JSON (default: benchmarks/results/algorithms.json)")
+    parser.add_argument("--no-mlflow", action="store_true", help="write the result JSON only, no MLflow run")
     args = parser.parse_args(argv)
     sizes = {k: getattr(args, k) or v for k, v in SIZES["quick" if args.quick else "full"].items()}
     os.chdir(REPO)
@@ -336,9 +358,12 @@ def main(argv: list[str] | None = None) -> int:
                  if "samples_per_s" in run else f"{run['seconds_per_epoch']:.1f} s/epoch, {run['pairs_per_s']:.2f} pairs/s")
         lo, hi = run["gold_gain_per_1k_samples_interval"]
         rise = f" (+{run['rss_rise_mib']:.0f} during the run)" if "rss_rise_mib" in run else ""
+        split = (f"; sampling {run['generation_seconds']:.1f} of {run['train_seconds']:.1f} s"
+                 if "generation_seconds" in run else "")
+        cuda = f", peak CUDA {run['peak_cuda_allocated_mib']:.0f} MiB" if "peak_cuda_allocated_mib" in run else ""
         return (f"  {name:18} gold {before.accuracy:.3f} -> {run['gold_accuracy']:.3f}, per 1k samples "
-                f"{run['gold_gain_per_1k_samples']:+.2f} [{lo:+.2f}, {hi:+.2f}]; {speed}; peak RSS "
-                f"{run['peak_rss_mib']:.0f} MiB{rise}")
+                f"{run['gold_gain_per_1k_samples']:+.2f} [{lo:+.2f}, {hi:+.2f}]; {speed}{split}; peak RSS "
+                f"{run['peak_rss_mib']:.0f} MiB{rise}{cuda}")
 
     for name, run in ours.items():
         print(line(f"ours {name}", run))
@@ -378,7 +403,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     figures = {side: {name: {k: v for k, v in run.items() if isinstance(v, (int, float))} for name, run in runs.items()}
                for side, runs in (("ours", ours), ("trl", trl))}
-    save("algorithms", report, {**figures, "ratios": ratios, "sft_gold_accuracy": before.accuracy}, args.out)
+    if args.no_mlflow:
+        path = Path(args.out) if args.out else RESULTS / "algorithms.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".json.partial").write_text(json.dumps(report, indent=2) + "\n")
+        path.with_suffix(".json.partial").replace(path)
+        print(f"wrote {path} (no MLflow run: --no-mlflow)")
+    else:
+        save("algorithms", report, {**figures, "ratios": ratios, "sft_gold_accuracy": before.accuracy}, args.out)
     return 0
 
 

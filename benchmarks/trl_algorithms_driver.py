@@ -75,8 +75,10 @@ def verifier_reward_function():
 
 
 def common_settings(s: dict, bf16: bool) -> dict:
+    # the GPU when there is one (benchmarks/device_grpo.sh), as rlhf.policy's Accelerator picks it
     return dict(output_dir=tempfile.mkdtemp(prefix="trl-algorithms-"), report_to="none", save_strategy="no",
-                logging_steps=1, use_cpu=True, bf16=bf16, seed=s["seed"], learning_rate=s["learning_rate"],
+                logging_steps=1, use_cpu=not torch.cuda.is_available(), bf16=bf16, seed=s["seed"],
+                learning_rate=s["learning_rate"],
                 lr_scheduler_type="linear", warmup_steps=0, weight_decay=s["weight_decay"],
                 max_grad_norm=s["max_grad_norm"], disable_dropout=True)
 
