@@ -17,7 +17,7 @@ Reads, in the project folder (--project, default this repository), what the last
 
 With --rm-variant it also trains the policy the cycle's params.yaml describes with `policy.reward: rm`
 (`dvc exp run -S policy.reward=rm`) from the project's models/sft against its models/reward, with rlhf.policy's own
-`train`, in a temporary folder, after the stage's own reward-model gate. Then, as evaluate measures the challenger:
+`train`, in a temporary folder, after the stage's own reward-model gate (--allow-weak-rm: past it, recorded as forced). Then, as evaluate measures the challenger:
 greedy gold accuracy on the tasks.heldout_size held-out tasks (rlhf.rollouts.greedy_replies, evaluate's decoding
 settings), the paired gain over SFT (rlhf.verifiers.accuracy_difference), and KL to SFT and proxy RM score on the
 test split's prompts (rlhf.evaluate.policy_rollouts). SFT and the cycle's policy are measured again the same way, so
@@ -325,10 +325,11 @@ def gold_entry(gold, sft, confidence: float) -> dict:
             "gain_vs_sft": gain, "gain_vs_sft_interval": [lower, upper]}
 
 
-def rm_variant(params, figures: dict, cycle_label: str) -> dict:
+def rm_variant(params, figures: dict, cycle_label: str, allow_weak: bool = False) -> dict:
     """Train the cycle's policy settings with `policy.reward: rm`, then measure it, SFT and the cycle's policy (named
-    `cycle_label`) alike."""
-    p = dataclasses.replace(params.policy, reward="rm")
+    `cycle_label`) alike. `allow_weak` is the stage's policy.allow_weak_reward_model: train past the RM gate, and
+    the result says it was forced."""
+    p = dataclasses.replace(params.policy, reward="rm", allow_weak_reward_model=allow_weak or params.policy.allow_weak_reward_model)
     precision, dtype = params.model.precision, resolve_precision(params.model.precision)
     quality = policy.reward_model_quality(REWARD_DIR, precision)
     train_anyway, why = policy.reward_model_gate(quality["lower"], p.allow_weak_reward_model)
@@ -406,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project", default=str(REPO), help="the checkout where the cycle ran (default: this one)")
     parser.add_argument("--rm-variant", action="store_true",
                         help="also train and measure the policy with policy.reward rm (~20 min on 2 cores)")
+    parser.add_argument("--allow-weak-rm", action="store_true",
+                        help="with --rm-variant: train even when the RM's held-out accuracy is not above chance, as "
+                             "policy.allow_weak_reward_model does (the JSON records rm_gate.decision 'forced')")
     parser.add_argument("--out", default=None, help="the result JSON (default: benchmarks/results/default_cycle.json)")
     args = parser.parse_args(argv)
     project = Path(args.project).resolve()
@@ -429,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"default_cycle: --rm-variant trains the policy with policy.reward rm beside the cycle's, but "
                          f"the cycle's params.yaml already has policy.reward {params.policy.reward!r}. Run it on a "
                          "checkout whose cycle ran with the default `policy.reward: verifier`.")
-    rm = rm_variant(params, figures, policy_label) if args.rm_variant else None
+    rm = rm_variant(params, figures, policy_label, args.allow_weak_rm) if args.rm_variant else None
     for warning in warnings:
         print(f"default_cycle: warning: {warning}")
 
