@@ -19,9 +19,10 @@ With --rm-variant it also trains the policy the cycle's params.yaml describes wi
 (`dvc exp run -S policy.reward=rm`) from the project's models/sft against its models/reward, with rlhf.policy's own
 `train`, in a temporary folder, after the stage's own reward-model gate (--allow-weak-rm: past it, recorded as
 forced). Then, as evaluate measures the challenger: greedy gold accuracy on the tasks.heldout_size held-out tasks
-(rlhf.rollouts.greedy_replies, evaluate's decoding settings), the paired gain over SFT (rlhf.verifiers.accuracy_difference), and KL to SFT and proxy RM score on the
-test split's prompts (rlhf.evaluate.policy_rollouts). SFT and the cycle's policy are measured again the same way, so
-the two reward variants are also compared with each other, paired.
+(rlhf.rollouts.greedy_replies, evaluate's decoding settings), the paired gain over SFT
+(rlhf.verifiers.accuracy_difference), and KL to SFT and proxy RM score on the test split's prompts
+(rlhf.evaluate.policy_rollouts). SFT and the cycle's policy are measured again the same way, so the two reward
+variants are also compared with each other, paired.
 
 Writes benchmarks/results/default_cycle.json (or --out) and an MLflow run in this repository's `benchmarks`
 experiment, and prints a short table. Fails with one paragraph naming the missing file or figure when the cycle has
