@@ -10,6 +10,9 @@ Ties: a pair labelled 'tie' says neither response is better, which −log σ(R�
 (it has no direction), so tied pairs are left out of the loss and of the accuracy. They are counted
 (`rm/ties_excluded`), not dropped silently.
 
+Held out (`rm/heldout_*`): the validation and test splits' pairs together, with the Wilson interval and the "longer
+reply wins" baseline beside it; validation alone is also watched during training (`rm/val_*`).
+
 After training, the mean and standard deviation of the reward over every training response are
 stored in the checkpoint's config.json as `reward_normalization`, so PPO scores in RM std units.
 """
@@ -19,6 +22,7 @@ import contextlib
 import math
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -35,7 +39,7 @@ from rlhf.comparisons import Pair, preference_pairs, read_comparisons
 from rlhf.models import add_lora, load_scalar_model, without_peft
 from rlhf.parallel import process_share
 from rlhf.params import ParamError, RewardModelParams, load_params
-from rlhf.paths import REWARD_DIR as OUT_DIR, SFT_DIR, TRAIN_COMPARISONS, VAL_COMPARISONS
+from rlhf.paths import REWARD_DIR as OUT_DIR, SFT_DIR, TEST_COMPARISONS, TRAIN_COMPARISONS, VAL_COMPARISONS
 from rlhf.rewards import NORMALIZATION_KEY, TokenScorer, pad_right, reward_at_last_token, rewards
 from rlhf.stage import log_step, run_stage
 from rlhf.stats import wilson_interval
@@ -174,10 +178,12 @@ def check_sizes(params: RewardModelParams, n_train: int, n_val: int, where: str)
 # ------------------------------------------------------------------------------------------------
 
 def train(params: RewardModelParams, sft_dir: str, precision: str, train_pairs: list[Pair], val_pairs: list[Pair],
-          out_dir: str | Path, ties_excluded: int = 0) -> dict:
+          out_dir: str | Path, ties_excluded: int = 0, test_pairs: Sequence[Pair] = ()) -> dict:
     """Train the reward model; save it with its reward normalisation; return metrics and curve.
 
-    The result also holds `val_scores` (N, 2): R₊ and R₋ of every validation pair, in order.
+    The held-out figures (`rm/heldout_*`) are on the validation and test pairs together: neither is trained on, and
+    validation is only watched, never used to pick weights. The result also holds `val_scores` (N, 2): R₊ and R₋ of
+    every validation pair, in order.
     """
     check_sizes(params, len(train_pairs), len(val_pairs), "the comparisons")
     set_seed(params.seed)
@@ -187,6 +193,7 @@ def train(params: RewardModelParams, sft_dir: str, precision: str, train_pairs: 
     pad_id = tokenizer.pad_token_id
     train_enc = encode_pairs(tokenizer, train_pairs, params.max_seq_len)
     val_enc = encode_pairs(tokenizer, val_pairs, params.max_seq_len)
+    test_enc = encode_pairs(tokenizer, list(test_pairs), params.max_seq_len)
 
     model = _score_head_model(sft_dir, dtype, params)
     trainable, total = count_parameters(model)
@@ -259,6 +266,8 @@ def train(params: RewardModelParams, sft_dir: str, precision: str, train_pairs: 
 
     val_scores = score_pairs(model, accelerator, val_enc, params.batch_size, pad_id, progress=is_main)
     val = pair_summary(val_scores)
+    heldout = pair_summary(torch.cat([val_scores, score_pairs(model, accelerator, test_enc, params.batch_size, pad_id)])
+                           if test_enc else val_scores)
     curve[-1].update(val_loss=round(val["loss"], 5), val_accuracy=round(val["accuracy"], 4))
     log_step({"loss/val": val["loss"], "rm/val_accuracy": val["accuracy"]}, step=step)
     # normalisation statistics over the training responses, chosen and rejected alike; a seeded sample
@@ -285,7 +294,7 @@ def train(params: RewardModelParams, sft_dir: str, precision: str, train_pairs: 
         "rm/reward_mean": round(reward_mean, 5),
         "rm/reward_std": round(reward_std, 5),
         **{f"rm/val_{k}": round(v, 5) for k, v in val.items() if k.startswith("margin")},
-        **heldout_quality(val["accuracy"], val_pairs, params.quality_confidence),
+        **heldout_quality(heldout["accuracy"], list(val_pairs) + list(test_pairs), params.quality_confidence),
         "perf/train_tokens_per_s": round(tokens_seen / max(train_seconds, 1e-9), 1),
         "perf/train_seconds": round(train_seconds, 1),
     }
@@ -302,10 +311,11 @@ def main() -> int:
     params = load_params()
     train_pairs, train_ties = load_pairs(TRAIN_COMPARISONS)
     val_pairs, val_ties = load_pairs(VAL_COMPARISONS)
+    test_pairs, test_ties = load_pairs(TEST_COMPARISONS)
     with tracking.stage_run("reward_model", {"reward_model": params.section("reward_model"),
                                              "model.precision": params.model.precision}):
         result = train(params.reward_model, SFT_DIR, params.model.precision, train_pairs, val_pairs, OUT_DIR,
-                       ties_excluded=train_ties + val_ties)
+                       ties_excluded=train_ties + val_ties + test_ties, test_pairs=test_pairs)
         if not PartialState().is_main_process:
             return 0  # under `accelerate launch` one process records and writes the outputs
         tracking.log_outputs("reward_model", {"reward_model": OUT_DIR})

@@ -134,9 +134,11 @@ def test_a_few_steps_raise_pairwise_accuracy_and_move_every_trainable_weight(tin
 def test_training_saves_a_checkpoint_transformers_loads_with_its_normalisation(tiny_model_dir, tokenizer, tmp_path):
     params = RewardModelParams(batch_size=4, epochs=4, learning_rate=5e-3, eval_every=2, lora_r=4, lora_alpha=8,
                                max_seq_len=128)
-    result = train(params, str(tiny_model_dir), "fp32", PAIRS, PAIRS[:4], tmp_path / "reward", ties_excluded=2)
+    result = train(params, str(tiny_model_dir), "fp32", PAIRS, PAIRS[:4], tmp_path / "reward", ties_excluded=2,
+                   test_pairs=PAIRS[4:7])
     m = result["metrics"]
     assert m["rm/train_pairs"] == 8 and m["rm/val_pairs"] == 4 and m["rm/ties_excluded"] == 2 and m["rm/steps"] == 8
+    assert m["rm/heldout_pairs"] == 7  # validation and test together
     assert m["rm/val_loss"] < m["rm/val_loss_before"] and m["rm/train_accuracy"] > 0.5
     assert result["val_scores"].shape == (4, 2)
     assert [p["step"] for p in result["curve"]] == list(range(9)) and result["curve"][-1]["val_loss"] == m["rm/val_loss"]
@@ -152,6 +154,10 @@ def test_training_saves_a_checkpoint_transformers_loads_with_its_normalisation(t
         theirs = model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(torch.stack(ours.chunk(2), dim=1), result["val_scores"], atol=1e-4, rtol=1e-4)
+    input_ids, attention_mask = stack_pairs(encode_pairs(tokenizer, PAIRS[:7], 128), tokenizer.pad_token_id)
+    with torch.no_grad():
+        chosen, rejected = rewards(model, input_ids, attention_mask).chunk(2)
+    assert m["rm/heldout_accuracy"] == pytest.approx(float((chosen > rejected).float().mean()), abs=1e-4)
     _, loaded_stats = load_reward_model(tmp_path / "reward")
     assert loaded_stats == stats
 
