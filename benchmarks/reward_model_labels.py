@@ -80,7 +80,7 @@ def pair_correct(model_dir: Path, pairs: list[Pair], params, dtype: torch.dtype)
     return scored[:, 0] > scored[:, 1]
 
 
-def measure(label: str, splits: dict[str, pd.DataFrame], params, work: Path) -> dict:
+def measure(label: str, splits: dict[str, pd.DataFrame], tasks: dict[str, Task], params, work: Path) -> dict:
     pairs, ties = {}, {}
     for name, frame in splits.items():
         pairs[name], ties[name] = preference_pairs(frame, f"{name} ({label} labels)")
@@ -93,9 +93,7 @@ def measure(label: str, splits: dict[str, pd.DataFrame], params, work: Path) -> 
     seconds = time.perf_counter() - tic
     heldout = pairs["validation"] + pairs["test"]
     correct = pair_correct(out, heldout, params.reward_model, resolve_precision(params.model.precision))
-    task_prompts = set(splits["train"].loc[splits["train"]["source"] == VERIFIER_SOURCE, "prompt"]) | {
-        p for name in ("validation", "test") for p in splits[name].loc[splits[name]["source"] == VERIFIER_SOURCE, "prompt"]}
-    on_tasks = torch.tensor([p.prompt in task_prompts for p in heldout], dtype=torch.bool)
+    on_tasks = torch.tensor([p.prompt in tasks for p in heldout], dtype=torch.bool)
     n_tasks = int(on_tasks.sum())
     task_accuracy = float(correct[on_tasks].float().mean()) if n_tasks else None
     m = result["metrics"]
@@ -126,12 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     tasks = {task_prompt(t, params.tasks.instruction): t for t in train_tasks(params.tasks, params.collect.verifiable_prompts)}
     cycle = {name: pd.read_parquet(path) for name, path in
              (("train", TRAIN_COMPARISONS), ("validation", VAL_COMPARISONS), ("test", TEST_COMPARISONS))}
-    report = {"command": command(), "machine": machine(), "project": str(project),
+    report = {"command": command(), "project": str(project),
               "reward_model": params.section("reward_model"), "labels": {}}
     with tempfile.TemporaryDirectory(prefix="reward-model-labels-") as work:
         for label in args.labels:
             splits = cycle if label == "cycle" else {name: relabelled(frame, tasks) for name, frame in cycle.items()}
-            report["labels"][label] = measure(label, splits, params, Path(work))
+            report["labels"][label] = measure(label, splits, tasks, params, Path(work))
     report["machine"] = machine()
     for label, r in report["labels"].items():
         lower, upper = r["heldout_accuracy_interval"]
