@@ -171,19 +171,45 @@ def sample_responses(model, query: torch.Tensor, query_mask: torch.Tensor, max_n
     Position ids follow the attention mask, as in `policy_forward`."""
     eos = torch.tensor(list(eos_ids), device=query.device)
     positions = mask_positions(query_mask)
-    out = model(input_ids=query, attention_mask=query_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    logits, cache = shared_prefill(model, query, query_mask, positions)
     attention_mask, next_position = query_mask, positions[:, -1:] + 1
     tokens, ended = [], torch.zeros(query.size(0), dtype=torch.bool, device=query.device)
     while True:
-        token = sample_tokens(out.logits[:, -1], temperature, top_k, top_p).masked_fill_(ended, pad_id)
+        token = sample_tokens(logits, temperature, top_k, top_p).masked_fill_(ended, pad_id)
         tokens.append(token)
         ended |= torch.isin(token, eos)
         if ended.all() or len(tokens) == max_new_tokens:
             return cut_at_eos(torch.stack(tokens, dim=1), eos_ids, pad_id)
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                    past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-        next_position = next_position + 1
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits, cache, next_position = out.logits[:, -1], out.past_key_values, next_position + 1
+
+
+def distinct_runs(query: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(the first row of each run of identical consecutive queries, each row's run) when some rows repeat the row
+    before them, else None. The k samples of one prompt (a GRPO/RLOO group, collect's pair) are such a run, and
+    their prompt pass, most of a forward pass when prompts are long and replies short, need run only once."""
+    _, inverse, counts = torch.unique_consecutive(torch.cat([query, query_mask], dim=1), dim=0,
+                                                  return_inverse=True, return_counts=True)
+    if len(counts) == query.size(0):
+        return None
+    return torch.cumsum(counts, dim=0) - counts, inverse
+
+
+def shared_prefill(model, query: torch.Tensor, query_mask: torch.Tensor, positions: torch.Tensor):
+    """The prompt pass of `sample_responses`: (last-position logits (B, V), KV cache), once per distinct prompt
+    (`distinct_runs`), the cache then copied to every row of the prompt."""
+    runs = distinct_runs(query, query_mask)
+    if runs is None:
+        out = model(input_ids=query, attention_mask=query_mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1)
+        return out.logits[:, -1], out.past_key_values
+    first, inverse = runs
+    out = model(input_ids=query[first], attention_mask=query_mask[first], position_ids=positions[first],
+                use_cache=True, logits_to_keep=1)
+    out.past_key_values.reorder_cache(inverse)
+    return out.logits[inverse, -1], out.past_key_values
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -239,23 +265,40 @@ def refreshed(sampler: torch.nn.Module, policy: torch.nn.Module) -> torch.nn.Mod
 LOGIT_CHUNK_TOKENS = 128  # rows of (T, V) logits at a time in LinearLogprobEntropy: 25 MB fp32 each
 
 
+def response_hidden(model, query, query_mask, responses, response_mask) -> torch.Tensor:
+    """The model's last hidden state at the positions that predict the response tokens, (B, N, H): the last
+    query position and every response position but the last. Position ids follow the attention mask, as in
+    generation with left-padded queries. Without gradients (log π_old, log π_ref) a prompt sampled several times
+    runs its prompt pass once (`distinct_runs`) and its rows continue from the copied KV cache; with gradients
+    every row runs whole."""
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)
+    position_ids = mask_positions(attention_mask)
+    no_position = torch.empty(0, dtype=torch.long, device=query.device)
+    n, prompt_len = responses.size(1), query.size(1)
+    runs = None if torch.is_grad_enabled() or n < 2 else distinct_runs(query, query_mask)
+    if runs is None:
+        out = model(input_ids=torch.cat([query, responses], dim=1), attention_mask=attention_mask,
+                    position_ids=position_ids, output_hidden_states=-1, logits_to_keep=no_position)
+        return out.hidden_states[-1][:, -n - 1:-1]  # position t predicts response token t
+    first, inverse = runs
+    prompt = model(input_ids=query[first], attention_mask=query_mask[first], position_ids=position_ids[first, :prompt_len],
+                   use_cache=True, output_hidden_states=-1, logits_to_keep=no_position)
+    prompt.past_key_values.reorder_cache(inverse)
+    rest = model(input_ids=responses[:, :-1], attention_mask=attention_mask[:, :-1],
+                 position_ids=position_ids[:, prompt_len:-1], past_key_values=prompt.past_key_values, use_cache=True,
+                 output_hidden_states=-1, logits_to_keep=no_position)
+    return torch.cat([prompt.hidden_states[-1][inverse, -1:], rest.hidden_states[-1]], dim=1)
+
+
 def policy_forward(model, query, query_mask, responses, response_mask, temperature: float):
     """log π(y_t|s_t) and the entropy H(π(·|s_t)) at the response positions, (B, N) fp32, and the last hidden
     state there, (B, N, H). π is the model's next-token distribution at temperature τ.
 
     The model runs its layers only (it keeps the logits of no position) and `LinearLogprobEntropy` applies the
-    LM head, so the (B, N, V) logits are never held. Position ids follow the attention mask, as in generation
-    with left-padded queries.
+    LM head, so the (B, N, V) logits are never held.
     """
-    input_ids = torch.cat([query, responses], dim=1)
-    attention_mask = torch.cat([query_mask, response_mask], dim=1)
-    position_ids = mask_positions(attention_mask)
-    no_position = torch.empty(0, dtype=torch.long, device=input_ids.device)
-    with adapter_inputs_uncast(model, input_ids.device.type):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    output_hidden_states=-1, logits_to_keep=no_position)
-    n = responses.size(1)
-    hidden = out.hidden_states[-1][:, -n - 1:-1]  # position t predicts response token t
+    with adapter_inputs_uncast(model, query.device.type):
+        hidden = response_hidden(model, query, query_mask, responses, response_mask)
     head = without_peft(extract_model_from_parallel(model)).get_output_embeddings().weight
     dtype = compute_dtype(hidden)
     with torch.autocast(hidden.device.type, enabled=False):

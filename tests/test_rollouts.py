@@ -6,7 +6,7 @@ import torch
 
 from rlhf.chat import render_prompt
 from rlhf.models import load_causal_lm
-from rlhf.rollouts import kl_per_response, sample_k
+from rlhf.rollouts import distinct_runs, eos_ids, kl_per_response, pad_left, policy_forward, sample_k, sample_responses
 from tests.conftest import build_tiny_tokenizer
 
 PROMPTS = ["what is two plus two?", "explain why the sky is blue in one sentence", "rain", "name a colour"]
@@ -31,6 +31,40 @@ def test_sample_k_draws_the_same_tokens_as_generate(tiny_model_dir, temperature,
         theirs += [decoded[i:i + 2] for i in range(0, len(decoded), 2)]
     assert ours.texts == theirs
     assert len({t for pair in ours.texts for t in pair}) > 2  # really sampled
+
+
+def test_the_samples_of_one_prompt_share_its_prompt_pass(tiny_model_dir):
+    tokenizer = build_tiny_tokenizer()
+    model = load_causal_lm(tiny_model_dir).eval()
+    stop, pad = eos_ids(model, tokenizer), tokenizer.pad_token_id
+    ids = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in PROMPTS[:2]]
+    rows = [ids[0]] * 3 + [ids[1]] * 2  # two prompts, three and two samples, consecutive
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kwargs: batch_sizes.append(kwargs["input_ids"].size(0)),
+                                           with_kwargs=True)
+    responses, mask, _ = sample_responses(model, *pad_left(rows, pad), 8, 0.0, stop, pad)
+    hook.remove()
+    assert batch_sizes[0] == 2 and set(batch_sizes[1:]) == {5}  # the prompt pass on the distinct prompts only
+    for row, prompt in enumerate(rows):  # and each row decodes as it would alone
+        alone, alone_mask, _ = sample_responses(model, *pad_left([prompt], pad), 8, 0.0, stop, pad)
+        assert torch.equal(responses[row][mask[row].bool()], alone[0][alone_mask[0].bool()])
+
+
+def test_log_probs_from_a_shared_prompt_pass_match_each_row_run_whole(tiny_model_dir):
+    tokenizer = build_tiny_tokenizer()
+    model = load_causal_lm(tiny_model_dir).eval()
+    stop, pad = eos_ids(model, tokenizer), tokenizer.pad_token_id
+    ids = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in PROMPTS[:3]]
+    query, query_mask = pad_left([ids[0]] * 3 + [ids[1]] + [ids[2]] * 2, pad)
+    torch.manual_seed(0)
+    responses, mask, _ = sample_responses(model, query, query_mask, 10, 1.0, stop, pad)
+    assert distinct_runs(query, query_mask) is not None
+    with torch.no_grad():
+        shared = policy_forward(model, query, query_mask, responses, mask, 0.8)
+    whole = policy_forward(model, query, query_mask, responses, mask, 0.8)  # with gradients: every row whole
+    kept = mask.bool()  # positions after a row's EOS are padding either way
+    for got, expected in zip(shared, whole):  # log π, entropy, hidden state
+        torch.testing.assert_close(got[kept], expected.detach()[kept], atol=1e-5, rtol=1e-5)
 
 
 def test_kl_per_response_sums_the_masked_log_ratio():
