@@ -66,6 +66,7 @@ from rlhf.models import load_causal_lm
 from rlhf.params import load_params
 from rlhf.paths import SFT_DIR
 from rlhf.rollouts import encode_queries, eos_ids, sample_k, sample_responses
+from rlhf.stage import reuse_freed_memory
 from rlhf.verifiers import accuracy_difference, gold_accuracy, heldout_tasks, judge_pair, task_prompt, train_tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,6 +267,7 @@ def run_trl(python: Path, trainer: str, params, dtype: torch.dtype, sft: str, wo
 # ------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
+    reuse_freed_memory()  # the allocator setting every stage runs with (rlhf.stage.run_stage); not TRL's process
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the smoke size: a few minutes, figures are noise")
     parser.add_argument("--sft", default=SFT_DIR, help="the SFT checkpoint every algorithm starts from")

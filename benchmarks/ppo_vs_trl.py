@@ -76,6 +76,7 @@ from rlhf.paths import REWARD_DIR, SFT_DIR  # noqa: E402
 from rlhf.prompts import load_train_prompts  # noqa: E402
 from rlhf.rewards import load_reward_model, normalised, score_responses  # noqa: E402
 from rlhf.rollouts import eos_ids, heldout_rollouts, kl_per_response, policy_forward, sample_responses  # noqa: E402
+from rlhf.stage import reuse_freed_memory  # noqa: E402
 
 TRL_VENV = REPO / "benchmarks" / ".venv-trl"
 TRL_PIN = "trl==1.12.0"
@@ -237,6 +238,7 @@ def snapshot(work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    reuse_freed_memory()  # the allocator setting every stage runs with (rlhf.stage.run_stage); not TRL's process
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=4, help="PPO iterations per side and variant")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per iteration (default: params.yaml)")

@@ -67,7 +67,7 @@ from starlette.concurrency import run_in_threadpool
 from rlhf.chat import prompt_ids
 from rlhf.labeling.db import utc_now
 from rlhf.params import ServeParams
-from rlhf.rollouts import mask_positions, pad_left
+from rlhf.rollouts import last_position, mask_positions, pad_left
 from rlhf.registry import CHAMPION, download_checkpoint
 from rlhf.serve_store import Feedback, ServedChoice, ServedCompletion, open_store
 
@@ -393,7 +393,8 @@ def generate_rows(model, rows: list[Row], pad_id: int, stop_ids: frozenset[int])
     generators = [torch.Generator().manual_seed(r.seed) for r in rows]
     for row in rows:
         row.tokens, row.finish_reason = [], "length"
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                logits_to_keep=last_position(input_ids))
     cache, next_position = out.past_key_values, positions[:, -1:] + 1
     done = [False] * len(rows)
     for _ in range(max(r.max_new_tokens for r in rows)):

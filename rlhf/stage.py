@@ -8,6 +8,7 @@ Exit codes (tasks/stages.py reads them):
 """
 from __future__ import annotations
 
+import ctypes
 import signal
 import sys
 
@@ -28,9 +29,29 @@ class TransientError(RuntimeError):
     """Something outside the project did not answer; running the stage again later may well succeed."""
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+LARGE_ALLOCATIONS_FROM_HEAP = 1 << 30
+
+
+def reuse_freed_memory() -> None:
+    """Serve allocations up to 1 GiB from the heap and keep freed memory there.
+
+    glibc maps a block over 32 MB afresh for each allocation and unmaps it when freed, so every new one
+    page-faults its memory in again: a 49,152 × 576 LM head's fp32 gradient, its bf16 copy, a chunk of fp32
+    logits, dozens of times an iteration; 20-90 ms each on the 2-core CPU, where a reused block costs 6.
+    Full-fine-tuning PPO's update (batch 8, 96 new tokens): 10.3 -> 7.8 s an iteration. A no-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_TRIM_THRESHOLD, LARGE_ALLOCATIONS_FROM_HEAP)
+    libc.mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATIONS_FROM_HEAP)
+
+
 def run_stage(main) -> None:
     """Run a stage's main() and exit with its code; user errors and transient errors print one paragraph."""
     signal.signal(signal.SIGTERM, _raise_terminated)
+    reuse_freed_memory()
     try:
         code = main()
     except Terminated:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,31 @@ def test_a_value_error_is_one_paragraph_and_exit_code_2(tmp_path, module, break_
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], done.stderr
     assert "rerun" in errors[0] or "Use upstream's" in errors[0]  # it says how to fix it
+
+
+def test_freed_large_blocks_stay_in_the_heap_for_the_next_allocation():
+    """run_stage's allocator setting: a 64 MB block (over glibc's 32 MB mmap ceiling) freed is kept in the heap,
+    so the next one of its size is served without page-faulting fresh memory; without it, glibc unmaps it."""
+    script = """
+import ctypes, sys
+import torch
+from rlhf.stage import reuse_freed_memory
+if sys.argv[1] == "on":
+    reuse_freed_memory()
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+block = torch.empty(64 << 20, dtype=torch.uint8)
+mapped = libc.mallinfo2().hblkhd
+del block
+print(mapped >= 64 << 20, libc.mallinfo2().fordblks >= 64 << 20)
+"""
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt and mallinfo2 are glibc's")
+    runs = {setting: subprocess.run([sys.executable, "-c", script, setting], env={**os.environ, "PYTHONPATH": str(REPO)},
+                                    capture_output=True, text=True, timeout=120) for setting in ("on", "off")}
+    assert runs["on"].returncode == 0, runs["on"].stderr
+    assert runs["on"].stdout.split() == ["False", "True"]  # from the heap, and kept there once freed
+    assert runs["off"].stdout.split() == ["True", "False"]  # mapped on its own, and unmapped when freed
