@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from rlhf.attention import compute_dtype
 from rlhf.chat import prompt_ids
+from rlhf.decoding import decoder
 from rlhf.models import adapter_inputs_uncast, load_causal_lm, without_peft
 
 
@@ -173,13 +174,13 @@ def cut_at_eos(responses: torch.Tensor, eos_ids: Sequence[int], pad_id: int):
 @torch.no_grad()
 def sample_responses(model, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, temperature: float,
                      eos_ids: Sequence[int], pad_id: int, top_k: int = 0, top_p: float = 1.0):
-    """Sample one response per left-padded query, batched, one forward pass a token over the KV cache, until
-    every row has an EOS or `max_new_tokens`: `cut_at_eos`'s (responses (B, N), response_mask (B, N), ended (B,)).
-    Position ids follow the attention mask, as in `policy_forward`."""
+    """Sample one response per left-padded query, batched, one decoding step a token over the KV cache
+    (rlhf.decoding), until every row has an EOS or `max_new_tokens`: `cut_at_eos`'s (responses (B, N),
+    response_mask (B, N), ended (B,)). Position ids follow the attention mask, as in `policy_forward`."""
     eos = torch.tensor(list(eos_ids), device=query.device)
     positions = mask_positions(query_mask)
     logits, cache = shared_prefill(model, query, query_mask, positions)
-    attention_mask, next_position = query_mask, positions[:, -1:] + 1
+    step, next_position = decoder(model, cache, query_mask, max_new_tokens), positions[:, -1:] + 1
     tokens, ended = [], torch.zeros(query.size(0), dtype=torch.bool, device=query.device)
     while True:
         token = sample_tokens(logits, temperature, top_k, top_p).masked_fill_(ended, pad_id)
@@ -187,10 +188,7 @@ def sample_responses(model, query: torch.Tensor, query_mask: torch.Tensor, max_n
         ended |= torch.isin(token, eos)
         if ended.all() or len(tokens) == max_new_tokens:
             return cut_at_eos(torch.stack(tokens, dim=1), eos_ids, pad_id)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits, cache, next_position = out.logits[:, -1], out.past_key_values, next_position + 1
+        logits, next_position = step(token, next_position), next_position + 1
 
 
 def distinct_runs(query: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
