@@ -50,10 +50,14 @@ class LinearLogprobEntropy(torch.autograd.Function):
     head W (V, H) and the taken tokens (T,), `chunk` rows at a time. The (T, V) fp32 log-probabilities (150 MB
     for 8 responses × 96 tokens with a 49,152 vocabulary) only ever exist a chunk at a time: backward makes
     each chunk's logits again from h and applies
-        ∂ log π(y)/∂z = onehot(y) − π,        ∂H/∂z = −π ⊙ (log π + H)."""
+        ∂ log π(y)/∂z = onehot(y) − π,        ∂H/∂z = −π ⊙ (log π + H).
+    The matmuls run in h's dtype; W may be wider (the fp32 master weights under bf16 autocast), and its
+    gradient is summed over the chunks and returned in W's dtype, never rounded to h's on the way."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, tokens, temperature: float, chunk: int):
+    def forward(ctx, hidden, master_weight, tokens, temperature: float, chunk: int):
+        weight = master_weight.to(hidden.dtype)
+        ctx.weight_dtype = master_weight.dtype
         logp = torch.empty(tokens.shape, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(logp)
         for s in range(0, hidden.size(0), chunk):
@@ -69,7 +73,7 @@ class LinearLogprobEntropy(torch.autograd.Function):
         hidden, weight, tokens, entropy = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        grad_weight = None
         for s in range(0, hidden.size(0), ctx.chunk):
             h, y = hidden[s:s + ctx.chunk], tokens[s:s + ctx.chunk]
             g_logp, g_entropy = grad_logp[s:s + ctx.chunk, None], grad_entropy[s:s + ctx.chunk, None]
@@ -83,9 +87,9 @@ class LinearLogprobEntropy(torch.autograd.Function):
             grad_z = grad_z.to(hidden.dtype)
             if want_hidden:
                 grad_hidden[s:s + ctx.chunk] = grad_z @ weight
-            if want_weight:
-                grad_weight += (grad_z.T @ h).float()
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
+            if want_weight:  # summed in fp32 (at least): a bf16 sum over chunks would round at each
+                grad_weight = (grad_z.T @ h).float() if grad_weight is None else grad_weight.add_(grad_z.T @ h)
+        return grad_hidden, None if grad_weight is None else grad_weight.to(ctx.weight_dtype), None, None, None
 
 
 def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -307,7 +311,7 @@ def policy_forward(model, query, query_mask, responses, response_mask, temperatu
     head = without_peft(extract_model_from_parallel(model)).get_output_embeddings().weight
     dtype = compute_dtype(hidden)
     with torch.autocast(hidden.device.type, enabled=False):
-        logp, entropy = LinearLogprobEntropy.apply(hidden.reshape(-1, hidden.size(-1)).to(dtype), head.to(dtype),
+        logp, entropy = LinearLogprobEntropy.apply(hidden.reshape(-1, hidden.size(-1)).to(dtype), head,
                                                    responses.reshape(-1), temperature, LOGIT_CHUNK_TOKENS)
     return logp.view(responses.shape), entropy.view(responses.shape), hidden
 

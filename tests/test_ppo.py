@@ -154,18 +154,21 @@ def test_entropy_of_uniform_and_of_certain_distributions():
 
 
 def _logprob_entropy_unfused(hidden, weight, tokens, temperature):
-    logp_all = ((hidden @ weight.T).float() / temperature).log_softmax(dim=-1)
+    logp_all = ((hidden @ weight.to(hidden.dtype).T).float() / temperature).log_softmax(dim=-1)
     return token_logprobs(logp_all, tokens), token_entropy(logp_all)
 
 
-@pytest.mark.parametrize("dtype, temperature, chunk", [(torch.float32, 1.0, 3), (torch.float32, 0.7, 64),
-                                                       (torch.bfloat16, 1.0, 4)])
-def test_fused_logprobs_and_entropy_match_the_full_log_softmax_in_value_and_gradient(dtype, temperature, chunk):
+@pytest.mark.parametrize("dtype, weight_dtype, temperature, chunk", [
+    (torch.float32, torch.float32, 1.0, 3), (torch.float32, torch.float32, 0.7, 64),
+    (torch.bfloat16, torch.bfloat16, 1.0, 4), (torch.bfloat16, torch.float32, 0.9, 4)])
+def test_fused_logprobs_and_entropy_match_the_full_log_softmax_in_value_and_gradient(dtype, weight_dtype,
+                                                                                    temperature, chunk):
     """LinearLogprobEntropy against autograd through the whole (T, V) log-softmax, under any mix of upstream
-    gradients on log π(y) and H, chunk sizes that do and do not divide T."""
+    gradients on log π(y) and H, chunk sizes that do and do not divide T; an fp32 head with bf16 hidden states
+    (full fine-tuning under autocast) gets its gradient in fp32."""
     torch.manual_seed(0)
     hidden = torch.randn(10, 16).to(dtype).requires_grad_()
-    weight = (torch.randn(50, 16) * 0.5).to(dtype).requires_grad_()
+    weight = (torch.randn(50, 16) * 0.5).to(weight_dtype).requires_grad_()
     tokens = torch.randint(0, 50, (10,))
     g_logp, g_entropy = torch.randn(10), torch.randn(10)
 
