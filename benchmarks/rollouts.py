@@ -65,6 +65,7 @@ from rlhf.policy import build_policy  # noqa: E402
 from rlhf.prompts import distinct_prompts  # noqa: E402
 from rlhf.reward_sources import RewardSources, weighted_reward  # noqa: E402
 from rlhf.rewards import load_reward_model  # noqa: E402
+from rlhf.decoding import TransformersDecoder  # noqa: E402
 from rlhf.rollouts import build_sampler, cut_at_eos, encode_queries, eos_ids, sample_responses  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -253,6 +254,9 @@ PPO_VARIANTS = {
         (rlhf_rollouts, "adapter_inputs_uncast"): lambda model, device_type: contextlib.nullcontext()},
     # before sample_responses had its own decoding loop and inverse-CDF sampling: transformers' generate
     "hf_generate": {(rlhf_policy, "sample_responses"): _hf_generate_sample_responses},
+    # before rlhf.decoding's LlamaDecoder: each decoding step through the model's own forward
+    "transformers_decoding": {(rlhf_rollouts, "decoder"): lambda model, cache, query_mask, max_new_tokens:
+                              TransformersDecoder(model, cache, query_mask)},
     # before rlhf.attention multiplied short attention out: torch's SDPA (its CPU flash kernel) throughout
     "sdpa_attention": {(rlhf_attention, "SCORES_PER_CHUNK"): 0},
 }

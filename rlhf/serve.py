@@ -65,6 +65,7 @@ from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from rlhf.chat import prompt_ids
+from rlhf.decoding import decoder
 from rlhf.labeling.db import utc_now
 from rlhf.params import ServeParams
 from rlhf.rollouts import last_position, mask_positions, pad_left
@@ -375,9 +376,11 @@ class Row:
 
 @torch.inference_mode()
 def generate_rows(model, rows: list[Row], pad_id: int, stop_ids: frozenset[int]) -> None:
-    """Fill each row's tokens: left-padded prompts, one forward pass per new token over the KV cache.
+    """Fill each row's tokens: left-padded prompts, one decoding step (`rlhf.decoding`) per new token over the
+    KV cache.
 
-    The padding and the position ids are the rollouts' (`pad_left`, `mask_positions`); the loop is not
+    The padding, the position ids and the decoding step are the rollouts' (`pad_left`, `mask_positions`,
+    `decoder`); the loop is not
     `rollouts.sample_responses`, because a batch here mixes requests that each carry their own settings:
     temperature (0 is greedy for that row alone), top_p, max_tokens (a row stops at its own), and a seed
     whose text must not depend on its batch neighbours. So each row samples with its own torch.Generator on
@@ -395,10 +398,12 @@ def generate_rows(model, rows: list[Row], pad_id: int, stop_ids: frozenset[int])
         row.tokens, row.finish_reason = [], "length"
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
                 logits_to_keep=last_position(input_ids))
-    cache, next_position = out.past_key_values, positions[:, -1:] + 1
+    max_new_tokens = max(r.max_new_tokens for r in rows)
+    step, logits = decoder(model, out.past_key_values, attention, max_new_tokens), out.logits[:, -1, :]
+    next_position = positions[:, -1:] + 1
     done = [False] * len(rows)
-    for _ in range(max(r.max_new_tokens for r in rows)):
-        tokens = sample_next_tokens(out.logits[:, -1, :].float().cpu(), temperature, top_p, generators)
+    for _ in range(max_new_tokens):
+        tokens = sample_next_tokens(logits.float().cpu(), temperature, top_p, generators)
         for i, row in enumerate(rows):
             if done[i]:
                 continue
@@ -410,10 +415,7 @@ def generate_rows(model, rows: list[Row], pad_id: int, stop_ids: frozenset[int])
                 done[i] = True
         if all(done):
             break
-        attention = torch.cat([attention, torch.ones((len(rows), 1), dtype=torch.long, device=device)], dim=1)
-        out = model(input_ids=tokens[:, None].to(device), attention_mask=attention, position_ids=next_position,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache, next_position = out.past_key_values, next_position + 1
+        logits, next_position = step(tokens.to(device), next_position), next_position + 1
 
 
 @dataclass
