@@ -47,6 +47,15 @@ class _Layer:
     post_attention_norm: torch.Tensor
 
 
+@dataclass(frozen=True)
+class _Weights:
+    layers: list[_Layer]
+    head: torch.Tensor
+    embed: torch.Tensor
+    norm: torch.Tensor
+    packed: bool  # the linears' weights are oneDNN-packed: multiply with mkldnn's linear, not F.linear
+
+
 class LlamaDecoder:
     """A Llama decoder layer stack for one token a row, its weights fused (and packed) once, over a preallocated
     KV cache of (layers, B, kv_heads, prompt + max_new_tokens, d). Each step computes, per layer,
@@ -54,15 +63,15 @@ class LlamaDecoder:
         a = softmax(q·Kᵀ/√d + mask)·V;  x ← x + a·W_oᵀ;  h = RMSNorm(x);  x ← x + (silu(h·W_gateᵀ) ⊙ h·W_upᵀ)·W_downᵀ
     in the order and dtypes of transformers' Llama with this project's attention (rlhf.attention)."""
 
-    def __init__(self, llama, weights: dict, cache, query_mask: torch.Tensor, max_new_tokens: int):
-        config, embed = llama.config, weights["embed"]
+    def __init__(self, llama, weights: _Weights, cache, query_mask: torch.Tensor, max_new_tokens: int):
+        config, embed = llama.config, weights.embed
         self.rotary = llama.model.rotary_emb
-        self.embed, self.head, self.norm, self.layers = embed, weights["head"], weights["norm"], weights["layers"]
+        self.embed, self.head, self.norm, self.layers = embed, weights.head, weights.norm, weights.layers
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.intermediate, self.eps = config.intermediate_size, config.rms_norm_eps
         self.scaling = llama.model.layers[0].self_attn.scaling
-        self.packed = weights["packed"]
+        self.packed = weights.packed
         batch, prompt_len = query_mask.shape
         self.length = prompt_len
         shape = (len(self.layers), batch, self.kv_heads, prompt_len + max_new_tokens, self.head_dim)
@@ -77,7 +86,7 @@ class LlamaDecoder:
         self.bias[..., :prompt_len].masked_fill_(query_mask.bool()[:, None, None], 0)
 
     @staticmethod
-    def weights(llama, batch: int) -> dict | None:
+    def weights(llama, batch: int) -> _Weights | None:
         """The fused (and packed) weights, or None where a LoRA layer's output is not its base weight's or the
         weights differ in dtype (a merged LoRA policy's adapters stay fp32 beside its bf16 base; they are not read)."""
         embed = _linear_weight(llama.model.embed_tokens)
@@ -104,7 +113,7 @@ class LlamaDecoder:
         head = fused(llama.lm_head)
         if head is None:
             return None
-        return {"layers": layers, "head": head, "embed": embed, "norm": llama.model.norm.weight, "packed": pack}
+        return _Weights(layers, head, embed, llama.model.norm.weight, pack)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.packed:
@@ -126,11 +135,11 @@ class LlamaDecoder:
         x = F.embedding(token, self.embed)
         cos, sin = self.rotary(x, position)  # (B, 1, d)
         # RoPE: q·cos + rotate_half(q)·sin, with rotate_half(q) = [−q₂; q₁] written as roll(q)·[−1; 1]
-        sin = torch.cat([-sin[..., :d // 2], sin[..., d // 2:]], dim=-1)
+        signed_sin = torch.cat([-sin[..., :d // 2], sin[..., d // 2:]], dim=-1)
         for i, layer in enumerate(self.layers):
             qkv = self._linear(self._rms_norm(x, layer.input_norm), layer.qkv).view(batch, heads + 2 * kv_heads, d)
             qk = qkv[:, :heads + kv_heads]
-            qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
+            qk = qk * cos + qk.roll(d // 2, dims=-1) * signed_sin
             self.keys[i, :, :, t] = qk[:, heads:]
             self.values[i, :, :, t] = qkv[:, heads + kv_heads:]
             q = (qk[:, :heads] * self.scaling).view(batch * kv_heads, group, d)
