@@ -43,8 +43,8 @@ class _Layer:
     o: torch.Tensor
     gate_up: torch.Tensor  # [W_gate; W_up], (2·I, H)
     down: torch.Tensor
-    input_norm: torch.Tensor  # RMSNorm weights
-    post_attention_norm: torch.Tensor
+    input_norm: torch.nn.Module  # the model's own RMSNorm modules
+    post_attention_norm: torch.nn.Module
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class _Weights:
     layers: list[_Layer]
     head: torch.Tensor
     embed: torch.Tensor
-    norm: torch.Tensor
+    norm: torch.nn.Module
     packed: bool  # the linears' weights are oneDNN-packed: multiply with mkldnn's linear, not F.linear
 
 
@@ -69,7 +69,7 @@ class LlamaDecoder:
         self.embed, self.head, self.norm, self.layers = embed, weights.head, weights.norm, weights.layers
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.intermediate, self.eps = config.intermediate_size, config.rms_norm_eps
+        self.intermediate = config.intermediate_size
         self.scaling = llama.model.layers[0].self_attn.scaling
         self.packed = weights.packed
         batch, prompt_len = query_mask.shape
@@ -109,21 +109,16 @@ class LlamaDecoder:
                      fused(mlp.gate_proj, mlp.up_proj), fused(mlp.down_proj)]
             if any(p is None for p in parts):
                 return None
-            layers.append(_Layer(*parts, layer.input_layernorm.weight, layer.post_attention_layernorm.weight))
+            layers.append(_Layer(*parts, layer.input_layernorm, layer.post_attention_layernorm))
         head = fused(llama.lm_head)
         if head is None:
             return None
-        return _Weights(layers, head, embed, llama.model.norm.weight, pack)
+        return _Weights(layers, head, embed, llama.model.norm, pack)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
         return F.linear(x, weight)
-
-    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # RMSNorm(x) = w ⊙ x / √(mean(x²) + ε), in fp32 and rounded back before the weight, as transformers does
-        x32 = x.float()
-        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
     @torch.no_grad()
     def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -137,7 +132,7 @@ class LlamaDecoder:
         # RoPE: q·cos + rotate_half(q)·sin, with rotate_half(q) = [−q₂; q₁] written as roll(q)·[−1; 1]
         signed_sin = torch.cat([-sin[..., :d // 2], sin[..., d // 2:]], dim=-1)
         for i, layer in enumerate(self.layers):
-            qkv = self._linear(self._rms_norm(x, layer.input_norm), layer.qkv).view(batch, heads + 2 * kv_heads, d)
+            qkv = self._linear(layer.input_norm(x), layer.qkv).view(batch, heads + 2 * kv_heads, d)
             qk = qkv[:, :heads + kv_heads]
             qk = qk * cos + qk.roll(d // 2, dims=-1) * signed_sin
             self.keys[i, :, :, t] = qk[:, heads:]
@@ -148,9 +143,9 @@ class LlamaDecoder:
             scores = torch.baddbmm(bias, q, keys.transpose(1, 2))
             attended = torch.bmm(scores.softmax(dim=-1), values).view(batch, heads * d)
             x = x + self._linear(attended, layer.o)
-            gate_up = self._linear(self._rms_norm(x, layer.post_attention_norm), layer.gate_up)
+            gate_up = self._linear(layer.post_attention_norm(x), layer.gate_up)
             x = x + self._linear(F.silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:], layer.down)
-        return self._linear(self._rms_norm(x, self.norm), self.head)
+        return self._linear(self.norm(x), self.head)
 
 
 def decoder(model, cache, query_mask: torch.Tensor, max_new_tokens: int):
